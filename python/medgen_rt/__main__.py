@@ -1,0 +1,5 @@
+import sys
+
+from medgen_rt.cli import main
+
+sys.exit(main())

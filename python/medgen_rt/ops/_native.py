@@ -1,0 +1,67 @@
+"""Bridge from torch tensors to the native extension ``medgen_rt._C``.
+
+The extension does not link against PyTorch; each tensor crosses as a
+``TensorDesc`` (data pointer, shape, strides, dtype, device) and CUDA work is
+queued on torch's current stream, which we pass as a raw handle.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+NATIVE_DTYPES = frozenset(_DTYPE_NAMES)
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, None) when the extension imports, else (None, reason)."""
+    try:
+        from medgen_rt import _C  # noqa: PLC0415 - optional compiled part
+    except ImportError as exc:  # not built, or built for another Python
+        return None, f"medgen_rt._C could not be imported ({exc}); reinstall with `pip install .`"
+    return _C, None
+
+
+def native_module():
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    """None when the native backend can run on this device type, else why not."""
+    module, reason = _load()
+    if module is None:
+        return reason
+    info = module.build_info()
+    if device_type == "cpu":
+        return None
+    if device_type == "cuda":
+        if not info.get("cuda"):
+            return "medgen_rt._C was built without CUDA (nvcc was not found at build time)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
+        return None
+    return f"no native kernels for device type {device_type!r}"
+
+
+def describe(t: torch.Tensor):
+    """TensorDesc for a tensor: pointer, shape, strides in elements, dtype, device."""
+    dtype = _DTYPE_NAMES.get(t.dtype)
+    if dtype is None:
+        raise TypeError(f"native kernels take float32, float16 or bfloat16 tensors, got {t.dtype}")
+    device = t.device.index if t.device.type == "cuda" else -1
+    if device is None:  # "cuda" without an index
+        device = torch.cuda.current_device()
+    return native_module().TensorDesc(t.data_ptr(), list(t.shape), list(t.stride()), dtype, device)
+
+
+def stream_handle(t: torch.Tensor) -> int:
+    """Raw cudaStream_t of torch's current stream on t's device (0 on the CPU)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
