@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_description, median_time, versions, write_json  # noqa: E402
+from common import device_description, median_times, versions, write_json  # noqa: E402
 
 from medgen_rt import ops  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     p.add_argument("--shape", nargs=3, type=int, action="append", metavar=("B", "N", "C"),
                    help="repeatable; default: a DiT-S/B/L and cine set")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--out", default="bench/results/adaln.json")
     args = p.parse_args(argv)
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
         dy = torch.randn(B, N, C, generator=gen).to(device, dtype)
         for pass_name in passes:
             backward = pass_name != "forward"
-            ref_time = None
-            for backend in backends:  # the reference is first: ratios need it
+            fns = {}
+            for backend in backends:
                 if backward:
                     xg, sg, tg = (t.clone().requires_grad_(True) for t in (x, scale, shift))
 
@@ -80,13 +80,14 @@ def main(argv=None) -> int:
                     def fn(backend=backend):
                         with torch.no_grad():
                             op(x, shift, scale, backend=backend)
-                t = median_time(fn, device, repeats=args.repeats)
-                ref_time = t if backend == "reference" else ref_time
+                fns[backend] = fn
+            times = median_times(fns, device, repeats=args.repeats)
+            ref_time = times["reference"]
+            for backend, t in times.items():
                 gbs = min_bytes(shape, dtype, backward) / t / 1e9
-                row = {"shape": list(shape), "dtype": dtype_name, "pass": pass_name, "backend": backend,
-                       "median_ms": round(t * 1e3, 4), "gb_per_s": round(gbs, 2),
-                       "speedup_vs_reference": round(ref_time / t, 3)}
-                results.append(row)
+                results.append({"shape": list(shape), "dtype": dtype_name, "pass": pass_name, "backend": backend,
+                                "median_ms": round(t * 1e3, 4), "gb_per_s": round(gbs, 2),
+                                "speedup_vs_reference": round(ref_time / t, 3)})
                 print(f"{str(shape):>18} {dtype_name:>9} {pass_name:>17} {backend:>10} {t * 1e3:9.3f} "
                       f"{gbs:8.2f} {ref_time / t:7.2f}")
     write_json(args.out, {"benchmark": "adaln_modulate", "device": device_description(device),

@@ -19,19 +19,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, device: str, warmup: int = 5, repeats: int = 30, min_time: float = 0.0) -> float:
-    """Median seconds per call of fn() over `repeats` timed calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
+def median_times(fns: dict, device: str, warmup: int = 5, repeats: int = 30) -> dict:
+    """Median seconds per call for each named callable. Calls are interleaved
+    (a, b, c, a, b, c, ...) so that drift in machine state (thread pools waking,
+    allocator state, other load) affects every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start_all < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def device_description(device: str) -> dict:
