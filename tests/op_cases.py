@@ -19,6 +19,8 @@ class OpCase:
     small_shapes: list  # for Triton's interpreter on the CPU (slow)
     layouts: list = field(default_factory=lambda: ["contiguous"])
     dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
+    # False for ops with no backward (their outputs are compared, nothing more).
+    differentiable: bool = True
 
 
 def _adaln_inputs(shape, dtype, device, layout, gen):
