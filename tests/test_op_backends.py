@@ -92,3 +92,14 @@ def test_backend_matches_reference(op_name, backend, device, dtype, shape, layou
 
 def _as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+@pytest.mark.parametrize("op_name", sorted(OP_CASES))
+def test_env_reference_routes_every_op_to_reference(op_name, monkeypatch):
+    """MEDGEN_BACKEND=reference routes every call to the reference implementation."""
+    op = ops.get_op(op_name)
+    monkeypatch.setenv("MEDGEN_BACKEND", "reference")
+    case = OP_CASES[op_name]
+    args, kwargs = case.make_inputs(case.shapes[1], torch.float32, "cpu", "contiguous", torch.Generator().manual_seed(0))
+    name, fn = op.select(args, kwargs)
+    assert name == "reference" and fn is op.reference
