@@ -59,13 +59,13 @@ def test_backend_matches_reference(op_name, backend, device, dtype, shape, layou
     tol = TOLERANCE[dtype]
 
     wants_grad = case.differentiable
-    ref_args = [a.detach().clone().requires_grad_(wants_grad) if a.is_floating_point() else a for a in args]
-    fast_args = [a.detach().clone().requires_grad_(wants_grad) if a.is_floating_point() else a for a in args]
+    ref_args = [a.detach().clone().requires_grad_(wants_grad) if _is_float_tensor(a) else a for a in args]
+    fast_args = [a.detach().clone().requires_grad_(wants_grad) if _is_float_tensor(a) else a for a in args]
     # Keep the original layout (strides) of each input: clone() preserves strides of views only
     # for dense tensors, so rebuild through as_strided when needed.
     for src, dst_list in ((args, ref_args), (args, fast_args)):
         for i, a in enumerate(src):
-            if a.is_floating_point() and a.stride() != dst_list[i].stride():
+            if _is_float_tensor(a) and a.stride() != dst_list[i].stride():
                 buf = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
                 buf.copy_(a)
                 dst_list[i] = buf.requires_grad_(wants_grad)
@@ -83,11 +83,16 @@ def test_backend_matches_reference(op_name, backend, device, dtype, shape, layou
 
     float_out = [(a, e) for a, e in zip(actual, expected) if e.is_floating_point()]
     grads_out = [torch.randn(e.shape, generator=gen).to(device=device, dtype=e.dtype) for _, e in float_out]
-    inputs = [i for i, a in enumerate(args) if a.is_floating_point()]
+    inputs = [i for i, a in enumerate(args) if _is_float_tensor(a)]
     ref_grads = torch.autograd.grad([e for _, e in float_out], [ref_args[i] for i in inputs], grads_out)
     fast_grads = torch.autograd.grad([a for a, _ in float_out], [fast_args[i] for i in inputs], grads_out)
     for i, g_fast, g_ref in zip(inputs, fast_grads, ref_grads):
         _assert_close(g_fast, g_ref, tol, f"{op_name}[{backend}] grad of input {i}")
+
+
+def _is_float_tensor(a) -> bool:
+    """Differentiable inputs; other arguments (patch sizes, tables in tuples) pass through."""
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
 
 
 def _as_tuple(out):

@@ -17,9 +17,15 @@ from medgen_rt.ops.registry import (
     list_ops,
     register_op,
 )
-from medgen_rt.ops.adaln import adaln_modulate  # noqa: E402  (registers the op)
+# Importing each op module registers its op.
+from medgen_rt.ops.adaln import adaln_modulate  # noqa: E402
+from medgen_rt.ops.attention import attention  # noqa: E402
+from medgen_rt.ops.gated_residual import gated_residual  # noqa: E402
+from medgen_rt.ops.patch_embed import patch_embed, unpatchify  # noqa: E402
+from medgen_rt.ops.vq import vq_nearest  # noqa: E402
 
 __all__ = [
     "ENV_VAR", "KNOWN_BACKENDS", "Backend", "BackendUnavailableError", "Op",
-    "get_op", "list_ops", "register_op", "adaln_modulate",
+    "get_op", "list_ops", "register_op", "adaln_modulate", "attention", "gated_residual",
+    "patch_embed", "unpatchify", "vq_nearest",
 ]

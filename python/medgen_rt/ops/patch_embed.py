@@ -1,0 +1,95 @@
+"""patch_embed and unpatchify: DiT input and output for 3D and 4D latents.
+
+patch_embed gathers non-overlapping patches straight from the channel-first
+volume layout, projects them and adds the positional embedding:
+    x (B, C, *S) with S divisible by the patch p  ->  tokens (B, N, hidden)
+Tokens run row-major over the patch grid (g1, g2, ...); a patch vector is laid
+out (C, p1, p2, ...), which equals a Conv3d with kernel = stride = p (the
+published 3D DiT) and the einops order "(c pz ph pw pt)" (the published 4D DiT).
+
+unpatchify scatters the final layer's output back:
+    tokens (B, N, prod(p) * C_out), laid out (p1, p2, ..., C_out)  ->  (B, C_out, *S)
+
+Reference implementations only for now; fast kernels come with the kernels issue.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from medgen_rt.ops.registry import register_op
+
+
+def grid_shape(spatial: Sequence[int], patch: Sequence[int]) -> tuple:
+    """Patch grid for a spatial size; raises when a size is not a multiple of the patch."""
+    if len(spatial) != len(patch):
+        raise ValueError(f"patch {tuple(patch)} has {len(patch)} axes but the input has {len(spatial)} spatial axes")
+    bad = [(s, p) for s, p in zip(spatial, patch) if p <= 0 or s % p]
+    if bad:
+        raise ValueError(f"spatial size {tuple(spatial)} is not divisible by the patch size {tuple(patch)}")
+    return tuple(s // p for s, p in zip(spatial, patch))
+
+
+def _to_patches(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """(B, C, *S) -> (B, N, C * prod(p)) in (C, p1, p2, ...) patch order."""
+    B, C = x.shape[:2]
+    grid = grid_shape(x.shape[2:], patch)
+    nd = len(patch)
+    split = [B, C]
+    for g, p in zip(grid, patch):
+        split += [g, p]
+    x = x.reshape(split)
+    # axes: 0 B, 1 C, then (g_i, p_i) pairs at 2+2i, 3+2i
+    order = [0] + [2 + 2 * i for i in range(nd)] + [1] + [3 + 2 * i for i in range(nd)]
+    return x.permute(order).reshape(B, math.prod(grid), C * math.prod(patch))
+
+
+def patch_embed_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          patch_size: Sequence[int], pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    tokens = F.linear(_to_patches(x, patch_size), weight, bias)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed.to(tokens.dtype)
+    return tokens
+
+
+def check_patch_embed(x, weight, bias, patch_size, pos_embed=None):
+    if x.dim() != 2 + len(patch_size):
+        raise ValueError(f"patch_embed: x must be (B, C, {len(patch_size)} spatial axes), got shape {tuple(x.shape)}")
+    grid = grid_shape(x.shape[2:], patch_size)
+    want = x.shape[1] * math.prod(patch_size)
+    if weight.dim() != 2 or weight.shape[1] != want:
+        raise ValueError(f"patch_embed: weight must be (hidden, C*prod(patch)) = (hidden, {want}), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"patch_embed: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if pos_embed is not None and tuple(pos_embed.shape[-2:]) != (math.prod(grid), weight.shape[0]):
+        raise ValueError(f"patch_embed: pos_embed must be (N, hidden) = {(math.prod(grid), weight.shape[0])}, "
+                         f"got {tuple(pos_embed.shape)}")
+
+
+def unpatchify_reference(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int],
+                         out_channels: int) -> torch.Tensor:
+    B = tokens.shape[0]
+    nd = len(patch_size)
+    x = tokens.reshape([B, *grid, *patch_size, out_channels])
+    # (B, g1..gn, p1..pn, C) -> (B, C, g1, p1, g2, p2, ...)
+    order = [0, 1 + 2 * nd]
+    for i in range(nd):
+        order += [1 + i, 1 + nd + i]
+    x = x.permute(order)
+    return x.reshape([B, out_channels, *(g * p for g, p in zip(grid, patch_size))])
+
+
+def check_unpatchify(tokens, grid, patch_size, out_channels):
+    if len(grid) != len(patch_size):
+        raise ValueError(f"unpatchify: grid {tuple(grid)} and patch {tuple(patch_size)} differ in rank")
+    want = (math.prod(grid), math.prod(patch_size) * out_channels)
+    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != want:
+        raise ValueError(f"unpatchify: tokens must be (B, {want[0]}, {want[1]}), got {tuple(tokens.shape)}")
+
+
+patch_embed = register_op("patch_embed", patch_embed_reference, check_args=check_patch_embed)
+unpatchify = register_op("unpatchify", unpatchify_reference, check_args=check_unpatchify)
