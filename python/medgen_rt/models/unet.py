@@ -1,0 +1,144 @@
+"""MedLoRD baseline: MONAI's DiffusionModelUNet as the denoiser and MONAI's
+ControlNet for mask conditioning, behind the same call signature as the DiTs
+so one trainer and one sampler serve all three published systems.
+
+    UNetDenoiser(cfg)(x, t)                 x (B, C, D, H, W) latents, t (B,)
+    ControlledUNet(base, ...)(x, t, mask)   mask (B, K, D*f, H*f, W*f), f = mask_downsample
+
+Published MedLoRD setting (configs/diffusion/medlord.yaml): 3D, 8 latent channels,
+2 residual blocks per level, channels 64/128/256/512, attention on the two
+deepest levels with 32-channel heads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import ControlNet, DiffusionModelUNet
+
+
+@dataclass
+class UNetConfig:
+    spatial_dims: int = 3
+    in_channels: int = 8
+    out_channels: int = 8
+    num_res_blocks: int = 2
+    channels: tuple = (64, 128, 256, 512)
+    attention_levels: tuple = (False, False, True, True)
+    num_head_channels: tuple = (0, 0, 32, 32)
+    norm_num_groups: int = 32
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        self.num_head_channels = tuple(self.num_head_channels)
+
+    def monai_kwargs(self) -> dict:
+        return dict(spatial_dims=self.spatial_dims, in_channels=self.in_channels, num_res_blocks=self.num_res_blocks,
+                    channels=self.channels, attention_levels=self.attention_levels,
+                    num_head_channels=self.num_head_channels, norm_num_groups=self.norm_num_groups)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+UNET_PRESETS = {
+    "medlord": UNetConfig(),
+    "unet-tiny": UNetConfig(channels=(16, 32, 32), attention_levels=(False, False, True),
+                            num_head_channels=(0, 0, 16), norm_num_groups=8),
+}
+
+
+def unet_config(name: str, **overrides) -> UNetConfig:
+    try:
+        return replace(UNET_PRESETS[name.lower()], **overrides)
+    except KeyError:
+        raise ValueError(f"unknown U-Net preset {name!r}; choose one of {', '.join(sorted(UNET_PRESETS))}") from None
+
+
+class UNetDenoiser(nn.Module):
+    """MONAI DiffusionModelUNet with the DiT call signature: forward(x, t, y=None)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.unet = DiffusionModelUNet(out_channels=config.out_channels, **config.monai_kwargs())
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.channels) - 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        f = self.downsample_factor
+        if x.dim() != 2 + self.config.spatial_dims or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"U-Net expects x of shape (B, {self.config.in_channels}, "
+                             f"{self.config.spatial_dims} spatial axes), got {tuple(x.shape)}")
+        if any(s % f for s in x.shape[2:]):
+            raise ValueError(f"U-Net input spatial size {tuple(x.shape[2:])} must be divisible by {f}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                down_residuals=None, mid_residual=None) -> torch.Tensor:
+        self.check_input(x)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t, down_block_additional_residuals=down_residuals,
+                         mid_block_additional_residual=mid_residual)
+
+
+class ControlledUNet(nn.Module):
+    """Frozen base U-Net + a trainable MONAI ControlNet fed by a mask.
+
+    mask_downsample: how many times larger the mask is than the latent per axis
+    (4 for a ds4 autoencoder with masks at image resolution); the ControlNet's
+    conditioning embedder downsamples by that much. Whole-mask dropout per sample
+    (condition_dropout_prob) trains the all-zero null condition used for guidance.
+    """
+
+    def __init__(self, base: UNetDenoiser, mask_channels: int, mask_downsample: int = 4,
+                 embedding_channels: Optional[tuple] = None, condition_dropout_prob: float = 0.1,
+                 conditioning_scale: float = 1.0):
+        super().__init__()
+        steps = int(round(math.log2(mask_downsample)))
+        if 2 ** steps != mask_downsample:
+            raise ValueError(f"mask_downsample must be a power of two, got {mask_downsample}")
+        if embedding_channels is None:
+            embedding_channels = tuple(16 * 2 ** i for i in range(steps + 1))
+        if len(embedding_channels) != steps + 1:
+            raise ValueError(f"embedding_channels needs {steps + 1} entries for a {mask_downsample}x mask")
+        self.base = base
+        self.mask_channels = mask_channels
+        self.mask_downsample = mask_downsample
+        self.condition_dropout_prob = condition_dropout_prob
+        self.conditioning_scale = conditioning_scale
+        self.controlnet = ControlNet(conditioning_embedding_in_channels=mask_channels,
+                                     conditioning_embedding_num_channels=tuple(embedding_channels),
+                                     **base.config.monai_kwargs())
+        # Start from the base U-Net's encoder weights, as ControlNet training does.
+        self.controlnet.load_state_dict(base.unet.state_dict(), strict=False)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: Optional[torch.Tensor],
+                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mask is None:
+            return self.base(x, t)
+        want = (x.shape[0], self.mask_channels, *(s * self.mask_downsample for s in x.shape[2:]))
+        if tuple(mask.shape) != want:
+            raise ValueError(f"ControlNet mask must be {want} (latent size x {self.mask_downsample}), "
+                             f"got {tuple(mask.shape)}")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if self.training and self.condition_dropout_prob > 0:
+            keep = torch.rand(mask.shape[0], device=mask.device) >= self.condition_dropout_prob
+            mask = mask * keep.view(-1, *([1] * (mask.dim() - 1))).to(mask.dtype)
+        down, mid = self.controlnet(x, t, controlnet_cond=mask.to(x.dtype),
+                                    conditioning_scale=self.conditioning_scale)
+        return self.base(x, t, down_residuals=down, mid_residual=mid)
