@@ -23,7 +23,7 @@ def info() -> dict:
 
 
 def __getattr__(name: str):
-    if name in {"ops", "io", "data", "kernels", "export", "cli"}:
+    if name in {"ops", "io", "data", "kernels", "export", "cli", "models", "diffusion", "train", "runtime"}:
         return import_module(f"medgen_rt.{name}")
     raise AttributeError(f"module 'medgen_rt' has no attribute {name!r}")
 
