@@ -12,6 +12,7 @@ from importlib import import_module
 VERBS = {
     "info": "medgen_rt.cli.info",
     "phantom": "medgen_rt.cli.phantom",
+    "train": "medgen_rt.cli.train",
 }
 
 

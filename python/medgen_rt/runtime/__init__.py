@@ -1,0 +1,2 @@
+"""Runtime helpers shared by training, sampling and the ONNX engine: energy
+metering, memory and tiling (planner), device selection."""

@@ -1,0 +1,97 @@
+"""Energy and CO2 of a run, metered with codecarbon's OfflineEmissionsTracker.
+
+Offline on purpose: the online tracker looks the location up over the network
+and silently falls back to a wrong country without it. The country is an ISO
+3166-1 alpha-3 code (``--country``, else ``MEDGEN_COUNTRY_ISO``, else DEU).
+
+    meter = EnergyMeter(country="DEU")
+    with meter.phase("denoise"):
+        ...
+    meter.report()  # {"country": "DEU", "kwh": ..., "kg_co2e": ..., "phases": {"denoise": {...}}}
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from typing import Optional
+
+DEFAULT_COUNTRY = "DEU"
+log = logging.getLogger(__name__)
+
+
+def default_country() -> str:
+    return os.environ.get("MEDGEN_COUNTRY_ISO", DEFAULT_COUNTRY).upper()
+
+
+def check_country(code: str) -> str:
+    code = (code or "").strip().upper()
+    if len(code) != 3 or not code.isalpha():
+        raise ValueError(f"country: expected an ISO 3166-1 alpha-3 code such as DEU or USA, got {code!r}")
+    return code
+
+
+class EnergyMeter:
+    """Meters named phases; disabled meters record durations only."""
+
+    def __init__(self, country: Optional[str] = None, enabled: bool = True, output_dir: Optional[str] = None):
+        self.country = check_country(country or default_country())
+        self.enabled = enabled
+        self.output_dir = output_dir
+        self.phases: dict = {}
+
+    def _tracker(self, name: str):
+        from codecarbon import OfflineEmissionsTracker
+
+        # codecarbon logs at INFO/WARNING on every start; keep our output readable.
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)
+        kwargs = dict(country_iso_code=self.country, project_name=f"medgen_rt:{name}", log_level="error",
+                      measure_power_secs=5, tracking_mode="process", allow_multiple_runs=True)
+        if self.output_dir:
+            kwargs.update(save_to_file=True, output_dir=str(self.output_dir), output_file="emissions.csv")
+        else:
+            kwargs.update(save_to_file=False)
+        return OfflineEmissionsTracker(**kwargs)
+
+    @contextmanager
+    def phase(self, name: str):
+        tracker = None
+        if self.enabled:
+            try:
+                tracker = self._tracker(name)
+                tracker.start()
+            except Exception as exc:  # metering must never break the run it meters
+                log.warning("energy metering unavailable (%s); continuing without it", exc)
+                tracker = None
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            entry = self.phases.setdefault(name, {"seconds": 0.0, "kwh": None, "kg_co2e": None})
+            entry["seconds"] += seconds
+            if tracker is not None:
+                try:
+                    kg = tracker.stop() or 0.0
+                    kwh = float(tracker.final_emissions_data.energy_consumed)
+                    entry["kwh"] = (entry["kwh"] or 0.0) + kwh
+                    entry["kg_co2e"] = (entry["kg_co2e"] or 0.0) + float(kg)
+                except Exception as exc:
+                    log.warning("energy metering failed to stop (%s)", exc)
+
+    def report(self, per: Optional[int] = None) -> dict:
+        """Totals and phases; with per=n also the figures per item (e.g. per volume)."""
+        metered = [p for p in self.phases.values() if p["kwh"] is not None]
+        total = {
+            "country": self.country,
+            "metered": bool(metered),
+            "seconds": sum(p["seconds"] for p in self.phases.values()),
+            "kwh": sum(p["kwh"] for p in metered) if metered else None,
+            "kg_co2e": sum(p["kg_co2e"] for p in metered) if metered else None,
+            "phases": self.phases,
+            "tool": "codecarbon OfflineEmissionsTracker",
+        }
+        if per:
+            total["per_item"] = {k: (None if total[k] is None else total[k] / per) for k in ("kwh", "kg_co2e")}
+        return total

@@ -1,0 +1,138 @@
+"""Run folders and checkpoints.
+
+    RUN/config.yaml            the resolved configuration of the run
+    RUN/model.json             what the run trains (kind, model config, extras)
+    RUN/weights.safetensors    final raw weights (written at the end)
+    RUN/ema.safetensors        final EMA weights (when EMA is on)
+    RUN/metrics.csv            one row per logged step
+    RUN/energy.json            kWh and kg CO2e, summed over sessions
+    RUN/checkpoints/step_NNNNNNN/{weights,ema}.safetensors, trainer_state.pt, state.json
+    RUN/checkpoints/latest     name of the newest complete checkpoint
+
+Weights are safetensors. trainer_state.pt holds optimizer and RNG states and is
+read back with torch.load(weights_only=True): nothing is unpickled. A
+checkpoint folder is written under a temporary name and renamed when complete,
+so a killed run never leaves a half checkpoint that `--resume` would pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medgen_rt.io.sidecar import write_json_atomic
+
+
+def state_dict_tensors(module: torch.nn.Module) -> dict:
+    """Contiguous CPU copies, as safetensors wants (no shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_weights(path: Path, tensors: dict, metadata: Optional[dict] = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def write_checkpoint(run_dir: Path, step: int, weights: dict, ema: Optional[dict], trainer_state: dict,
+                     state: dict, keep: int = 3) -> Path:
+    """weights/ema: {module name: tensors}; trainer_state: optimizer, scheduler, RNG (weights_only-safe)."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(tmp / "weights.safetensors", _flatten(weights))
+    if ema is not None:
+        save_weights(tmp / "ema.safetensors", _flatten(ema))
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest = final.parent / "latest"
+    latest_tmp = final.parent / ".latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, latest)
+    _prune(final.parent, keep)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = latest.parent / latest.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def read_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    out = {
+        "weights": _unflatten(load_weights(path / "weights.safetensors")),
+        "ema": _unflatten(load_weights(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None,
+        "trainer_state": torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True),
+        "state": json.loads((path / "state.json").read_text()),
+    }
+    return out
+
+
+def write_model_files(run_dir: Path, weights: dict, ema: Optional[dict], model_info: dict) -> None:
+    """The final, loadable model of a run: what `medgen encode` / `medgen sample` read."""
+    run_dir = Path(run_dir)
+    save_weights(run_dir / "weights.safetensors", _flatten(weights))
+    if ema is not None:
+        save_weights(run_dir / "ema.safetensors", _flatten(ema))
+    write_json_atomic(run_dir / "model.json", model_info)
+
+
+def _flatten(modules: dict) -> dict:
+    """{module: {param: tensor}} -> {"module/param": tensor}"""
+    return {f"{m}/{k}": v for m, tensors in modules.items() for k, v in tensors.items()}
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        module, _, name = key.partition("/")
+        out.setdefault(module, {})[name] = value
+    return out
+
+
+def read_model_weights(run_dir: Path, prefer_ema: bool = True) -> tuple:
+    """({module: tensors}, model_info) of a finished run; EMA weights when present and preferred."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / "model.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a medgen_rt run folder (no model.json); "
+                                "train one with `medgen train` first")
+    info = json.loads(info_path.read_text())
+    path = run_dir / ("ema.safetensors" if prefer_ema and (run_dir / "ema.safetensors").exists()
+                      else "weights.safetensors")
+    return _unflatten(load_weights(path)), info
+
+
+def _prune(folder: Path, keep: int) -> None:
+    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,347 @@
+"""The training loop shared by every task (VQ-GAN, DiT, control adapters, U-Net).
+
+Reproducibility is by construction, so that `--resume` continues exactly and N
+processes train like one:
+* the global batch at step s is fixed by (seed, epoch permutation, s), whatever
+  the number of processes; rank r takes positions r, r+N, ... of it;
+* per-sample randomness (crops, noise, timesteps) comes from generators seeded
+  by (seed, step, position in the global batch), never from shared state;
+* what does use the global RNG (dropout) is saved and restored per rank.
+Gradients are averaged over ranks after each backward (data parallel).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from medgen_rt.runtime.energy import EnergyMeter
+from medgen_rt.train import checkpoint as ckpt
+from medgen_rt.train.distributed import DistInfo, average_gradients, barrier
+
+log = logging.getLogger("medgen_rt.train")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 2  # global, over all processes
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | exponential | constant
+    min_lr_ratio: float = 0.01  # cosine floor
+    lr_gamma: float = 0.999  # exponential decay per step
+    grad_clip: Optional[float] = 1.0
+    ema_decay: Optional[float] = None
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    val_every: int = 100
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown training setting(s) {unknown}; known: {sorted(known)}")
+        out = cls(**d)
+        out.betas = tuple(out.betas)
+        if out.steps <= 0 or out.batch_size <= 0:
+            raise ValueError(f"{where}: steps and batch_size must be positive")
+        if out.lr_schedule not in ("cosine", "exponential", "constant"):
+            raise ValueError(f"{where}: lr_schedule must be cosine, exponential or constant, got {out.lr_schedule!r}")
+        if out.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"{where}: precision must be auto, fp32 or bf16, got {out.precision!r}")
+        return out
+
+
+def lr_factor(step: int, s: TrainSettings) -> float:
+    """Multiplier of the base learning rate at a 0-based step: linear warm-up, then decay."""
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.lr_schedule == "constant":
+        return 1.0
+    k = step - s.warmup_steps
+    if s.lr_schedule == "exponential":
+        return s.lr_gamma ** k
+    span = max(1, s.steps - s.warmup_steps)
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(k, span) / span))
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def global_batch_indices(n: int, batch: int, seed: int, step: int) -> list:
+    """Dataset indices of the global batch at `step` (same for any number of processes)."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = epoch_permutation(n, seed, epoch)
+    if n < batch:  # tiny sets: cycle through the permutation
+        return [int(perm[(k * batch + i) % n]) for i in range(batch)]
+    return [int(i) for i in perm[k * batch:(k + 1) * batch]]
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    """Runs a task (see medgen_rt.train.tasks) for settings.steps steps in run_dir."""
+
+    def __init__(self, task, settings: TrainSettings, run_dir: Path, dist: DistInfo, resume: bool = False,
+                 quiet: bool = False, energy: bool = True, country: Optional[str] = None, config_text: str = ""):
+        self.task = task
+        self.s = settings
+        self.run_dir = Path(run_dir)
+        self.dist = dist
+        self.quiet = quiet or not dist.is_main
+        self.energy_enabled = energy
+        self.country = country
+        self.config_text = config_text
+        if settings.batch_size % dist.world_size:
+            raise ValueError(f"batch_size {settings.batch_size} must be divisible by the {dist.world_size} processes")
+        self.optimizers = {}
+        for name, params in task.parameter_groups().items():
+            params = [p for p in params if p.requires_grad]
+            if not params:
+                raise ValueError(f"{task.name}: optimizer group {name!r} has no trainable parameters")
+            lr = task.learning_rates().get(name, settings.lr)
+            self.optimizers[name] = torch.optim.AdamW(params, lr=lr, betas=settings.betas,
+                                                      weight_decay=settings.weight_decay)
+        self.base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in self.optimizers.items()}
+        self.ema = None
+        if settings.ema_decay:
+            self.ema = {m: {k: p.detach().clone().float() for k, p in mod.named_parameters()}
+                        for m, mod in task.modules().items()}
+        self.step = 0
+        self._stop = False
+        if resume:
+            self._resume()
+        elif dist.is_main:
+            self._start_fresh()
+        barrier(dist)
+
+    # ---- run folder ----------------------------------------------------------------------------
+    def _start_fresh(self) -> None:
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise FileExistsError(f"{self.run_dir}: run folder exists and is not empty; "
+                                  "pass --resume to continue it or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.config_text)
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{self.run_dir}: no checkpoint to resume from")
+        data = ckpt.read_checkpoint(path)
+        for name, module in self.task.modules().items():
+            module.load_state_dict(data["weights"][name])
+        if self.ema is not None:
+            if data["ema"] is None:
+                raise ValueError(f"{path}: the run has EMA enabled but the checkpoint holds no EMA weights")
+            self.ema = {m: {k: v.float() for k, v in t.items()} for m, t in data["ema"].items()}
+        ts = data["trainer_state"]
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ts["optimizers"][name])
+        rng = ts.get("rng", {}).get(str(self.dist.rank))
+        if rng is not None:
+            torch.set_rng_state(rng)
+        self.task.load_extra_state(ts.get("task", {}))
+        self.step = int(data["state"]["step"])
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+            log.info("resumed %s from %s (step %d)", self.run_dir, path.name, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Rows logged after the checkpoint were lost with the killed run: drop them."""
+        path = self.run_dir / "metrics.csv"
+        if not path.exists():
+            return
+        rows = list(csv.reader(path.open()))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        tmp = path.with_name(".metrics.csv.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        tmp.replace(path)
+
+    def _log_metrics(self, row: dict) -> None:
+        """Appends a row; a column seen for the first time (validation terms) rewrites the header."""
+        path = self.run_dir / "metrics.csv"
+        rows = list(csv.DictReader(path.open())) if path.exists() else []
+        columns = list(rows[0].keys()) if rows else ["step"]
+        added = [k for k in sorted(row) if k not in columns]
+        if added or not rows:
+            columns += added
+            tmp = path.with_name(".metrics.csv.tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows + [row])
+            tmp.replace(path)
+        else:
+            with path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerow(row)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _gather_rng(self) -> dict:
+        state = torch.get_rng_state()
+        if not self.dist.distributed:
+            return {"0": state}
+        import torch.distributed as tdist
+
+        gathered = [torch.empty_like(state) for _ in range(self.dist.world_size)]
+        tdist.all_gather(gathered, state)
+        return {str(r): s for r, s in enumerate(gathered)}
+
+    def save_checkpoint(self) -> None:
+        rng = self._gather_rng()  # a collective: every rank takes part
+        if self.dist.is_main:
+            weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
+            trainer_state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                             "rng": rng, "task": self.task.extra_state()}
+            ckpt.write_checkpoint(self.run_dir, self.step, weights, self._ema_tensors(), trainer_state,
+                                  {"step": self.step, "task": self.task.name, "world_size": self.dist.world_size},
+                                  keep=self.s.keep_checkpoints)
+        barrier(self.dist)
+
+    def _ema_tensors(self):
+        if self.ema is None:
+            return None
+        out = {}
+        for m, mod in self.task.modules().items():
+            tensors = ckpt.state_dict_tensors(mod)  # buffers come from the live model
+            for k, v in self.ema[m].items():
+                tensors[k] = v.to(tensors[k].dtype).cpu().contiguous().clone()
+            out[m] = tensors
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _autocast(self):
+        use_bf16 = self.s.precision == "bf16" or (self.s.precision == "auto" and self.dist.device.type == "cuda")
+        if use_bf16:
+            return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.dist.device.type, enabled=False)
+
+    def _set_lr(self) -> float:
+        f = lr_factor(self.step, self.s)
+        for name, opt in self.optimizers.items():
+            for group, base in zip(opt.param_groups, self.base_lrs[name]):
+                group["lr"] = base * f
+        return f * self.s.lr
+
+    def _update_ema(self) -> None:
+        d = self.s.ema_decay
+        with torch.no_grad():
+            for m, mod in self.task.modules().items():
+                for k, p in mod.named_parameters():
+                    if p.requires_grad:
+                        self.ema[m][k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def _request_stop(self, signum, frame):
+        self._stop = True
+
+    def train_step(self) -> dict:
+        indices = global_batch_indices(self.task.num_train(), self.s.batch_size, self.s.seed, self.step)
+        positions = list(range(self.dist.rank, self.s.batch_size, self.dist.world_size))
+        batch = self.task.make_batch([indices[p] for p in positions], positions, self.step, self.s.seed)
+        lr = self._set_lr()
+        logs = {"lr": lr}
+        with self._autocast():
+            losses, extra = self.task.losses(batch, self.step)
+        logs.update(extra)
+        # one optimizer after the other (generator, then discriminator for GANs)
+        for i, (name, opt) in enumerate(self.optimizers.items()):
+            loss = losses[name]
+            opt.zero_grad(set_to_none=True)
+            loss.backward(retain_graph=i < len(self.optimizers) - 1)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            average_gradients(params, self.dist.world_size)
+            if self.s.grad_clip:
+                logs[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip))
+            opt.step()
+            logs[f"loss_{name}"] = float(loss.detach())
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        return logs
+
+    def fit(self) -> dict:
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
+        meter = EnergyMeter(country=self.country, enabled=self.energy_enabled and self.dist.is_main)
+        bar = None
+        if not self.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.s.steps, initial=self.step, desc=f"train {self.task.name}", unit="step",
+                       dynamic_ncols=True)
+        interrupted = False
+        t0 = time.perf_counter()
+        try:
+            with meter.phase("train"):
+                while self.step < self.s.steps:
+                    if self._stop:
+                        raise StopRequested()
+                    logs = self.train_step()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+                    row = None
+                    if self.step % self.s.log_every == 0 or self.step == self.s.steps:
+                        row = {"step": self.step, "seconds": round(time.perf_counter() - t0, 3), **logs}
+                    if self.s.val_every and (self.step % self.s.val_every == 0 or self.step == self.s.steps):
+                        val = self.task.validate() if self.dist.is_main else {}
+                        row = {"step": self.step, "seconds": round(time.perf_counter() - t0, 3),
+                               **(row or logs), **{f"val_{k}": v for k, v in val.items()}}
+                        if bar is not None and val:
+                            bar.write(f"step {self.step}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in val.items()))
+                    if row is not None and self.dist.is_main:
+                        self._log_metrics(row)
+                    if self.step % self.s.checkpoint_every == 0 and self.step < self.s.steps:
+                        self.save_checkpoint()
+        except (KeyboardInterrupt, StopRequested):
+            interrupted = True
+            if bar is not None:
+                bar.write(f"interrupted: saving a checkpoint at step {self.step}")
+            self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if not interrupted:
+            self.save_checkpoint()
+            if self.dist.is_main:
+                weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
+                ckpt.write_model_files(self.run_dir, weights, self._ema_tensors(), self.task.model_info())
+        if self.dist.is_main:
+            self._write_energy(meter.report())
+        barrier(self.dist)
+        return {"step": self.step, "interrupted": interrupted}
+
+    def _write_energy(self, report: dict) -> None:
+        """Adds this session to the run's energy.json (a resumed run has several sessions)."""
+        from medgen_rt.io.sidecar import write_json_atomic
+
+        path = self.run_dir / "energy.json"
+        total = json.loads(path.read_text()) if path.exists() else {"sessions": []}
+        total["sessions"].append({**report, "ended_at_step": self.step, "processes": self.dist.world_size})
+        metered = [s for s in total["sessions"] if s.get("kwh") is not None]
+        total["country"] = report["country"]
+        total["kwh"] = sum(s["kwh"] for s in metered) if metered else None
+        total["kg_co2e"] = sum(s["kg_co2e"] for s in metered) if metered else None
+        total["seconds"] = sum(s["seconds"] for s in total["sessions"])
+        write_json_atomic(path, total)

@@ -1,0 +1,164 @@
+"""Builds a task from a config and command-line arguments and runs it. Used by
+`medgen train ...` and by `torchrun --nproc-per-node N -m medgen_rt.train ...`.
+Every input is checked before the first step: a bad preset, latents that do not
+fit the model, an empty data folder or masks that do not match fail at once."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from medgen_rt.train.config import load_config, stage
+from medgen_rt.train.distributed import broadcast_modules, init_distributed, shutdown
+from medgen_rt.train.loop import Trainer, TrainSettings
+
+log = logging.getLogger("medgen_rt.train")
+KINDS = ("vae", "dit", "control", "unet")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=KINDS, help="what to train: vae (VQ-GAN), dit, control (TGCA/ControlNet), unet")
+    p.add_argument("--config", required=True, help="preset name (see medgen_rt/configs) or YAML path")
+    p.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    p.add_argument("--data", help="vae: image data folder (ACDC layout for cine, images/ [+ masks/] for CT)")
+    p.add_argument("--val-data", help="vae: held-out image folder (default: last 10%% of --data)")
+    p.add_argument("--latents", help="dit/unet/control: latents folder from `medgen encode`")
+    p.add_argument("--val-latents", help="held-out latents (default: last 10%% of --latents)")
+    p.add_argument("--base", help="control: the trained dit or unet run to condition")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--batch-size", type=int, help="override train.batch_size (global)")
+    p.add_argument("--lr", type=float, help="override train.lr")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--country", help="ISO 3166 alpha-3 code for the CO2 estimate (default MEDGEN_COUNTRY_ISO or DEU)")
+    p.add_argument("--no-energy", action="store_true", help="do not meter energy")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _settings(section: dict, args, where: str) -> TrainSettings:
+    s = TrainSettings.from_dict(dict(section.get("train", {})), where + ".train")
+    overrides = {k: getattr(args, a) for k, a in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"),
+                                                  ("seed", "seed"), ("checkpoint_every", "checkpoint_every"))
+                 if getattr(args, a) is not None}
+    return replace(s, **overrides) if overrides else s
+
+
+def _require(args, *names) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
+    if missing:
+        raise ValueError(f"medgen train {args.stage} needs {', '.join(missing)}")
+
+
+def build_task(args, cfg: dict, device):
+    where = f"config {args.config!r}"
+    if args.stage in ("dit", "unet"):
+        return _denoiser_task(args, cfg, device, where)
+    if args.stage == "control":
+        return _control_task(args, cfg, device, where)
+    from medgen_rt.train.vae import build_vae_task
+
+    _require(args, "data")
+    return build_vae_task(args, cfg, stage(cfg, "vae", where), device, where)
+
+
+def _latent_sets(args, require_masks=False):
+    from medgen_rt.train.latents import open_latents, split_train_val
+
+    _require(args, "latents")
+    latents = open_latents(args.latents, require_masks=require_masks)
+    val = open_latents(args.val_latents, require_masks=require_masks) if args.val_latents else None
+    return split_train_val(latents, val)
+
+
+def _diffusion(section: dict):
+    from medgen_rt.train.tasks import DiffusionSettings
+
+    return DiffusionSettings(**section.get("diffusion", {}))
+
+
+def _denoiser_task(args, cfg, device, where):
+    from medgen_rt.models import build_model
+    from medgen_rt.train.latents import check_latents_fit
+    from medgen_rt.train.tasks import DenoiserTask
+
+    section = stage(cfg, args.stage, where)
+    train, val = _latent_sets(args)
+    overrides = dict(section.get("model_overrides", {}))
+    if args.stage == "dit":
+        from medgen_rt.models.dit import dit_config
+
+        if overrides.get("input_size") == "auto":
+            overrides["input_size"] = tuple(train.latent_shape[1:])
+        model_cfg = dit_config(section["model"], **overrides)
+        check_latents_fit(train, model_cfg.in_channels, model_cfg.input_size, where)
+    else:
+        from medgen_rt.models.unet import unet_config
+
+        model_cfg = unet_config(section["model"], **overrides)
+        if train.latent_shape[0] != model_cfg.in_channels:
+            raise ValueError(f"{where}: latents have {train.latent_shape[0]} channels, the U-Net expects "
+                             f"{model_cfg.in_channels}")
+    info = {"kind": args.stage, "config": model_cfg.to_dict(), "diffusion": _diffusion(section).to_dict(),
+            "scale_factor": train.scale_factor, "latent_shape": list(train.latent_shape),
+            "vae_run": train.index.get("vae_run"), "modality": cfg["modality"], "geometry": train.index.get("geometry")}
+    model = build_model(info)
+    return DenoiserTask(model, train, val, _diffusion(section), device, info)
+
+
+def _control_task(args, cfg, device, where):
+    from medgen_rt.models import build_model, load_model
+    from medgen_rt.train.tasks import DenoiserTask
+
+    section = stage(cfg, "control", where)
+    _require(args, "base")
+    base, base_info = load_model(args.base)
+    if base_info["kind"] not in ("dit", "unet"):
+        raise ValueError(f"--base {args.base}: a control adapter needs a trained dit or unet run, "
+                         f"not a {base_info['kind']} run")
+    train, val = _latent_sets(args, require_masks=True)
+    labels = list(section.get("mask_labels", []))
+    if not labels:
+        raise ValueError(f"{where}: control.mask_labels must list the label values to condition on")
+    kind = "tgca" if base_info["kind"] == "dit" else "controlnet"
+    params = dict(section.get("params", {}))
+    params["mask_channels"] = len(labels)
+    info = {"kind": kind, "config": params, "base": base_info, "mask_labels": labels,
+            "diffusion": base_info["diffusion"], "scale_factor": base_info["scale_factor"],
+            "latent_shape": base_info["latent_shape"], "vae_run": base_info.get("vae_run"),
+            "modality": cfg["modality"], "geometry": base_info.get("geometry")}
+    model = build_model(info, base=base)
+    from medgen_rt.train.tasks import DiffusionSettings
+
+    return DenoiserTask(model, train, val, DiffusionSettings(**base_info["diffusion"]), device, info,
+                        conditional=True, mask_labels=labels)
+
+
+def main(args) -> int:
+    dist = init_distributed(args.device)
+    try:
+        cfg, text = load_config(args.config)
+        section = stage(cfg, args.stage, f"config {args.config!r}")
+        settings = _settings(section, args, f"config {args.config!r}.{args.stage}")
+        # Same initial weights for the same seed, on every rank (DDP replicas must start equal).
+        torch.manual_seed(settings.seed)
+        task = build_task(args, cfg, dist.device)
+        broadcast_modules(task.modules().values(), dist)
+        resolved = yaml.safe_dump({"config": cfg, "stage": args.stage,
+                                   "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                                for k, v in vars(settings).items()},
+                                   "command": {k: v for k, v in vars(args).items() if k != "func"}},
+                                  sort_keys=False)
+        trainer = Trainer(task, settings, Path(args.out), dist, resume=args.resume, quiet=args.quiet,
+                          energy=not args.no_energy, country=args.country, config_text=resolved)
+        result = trainer.fit()
+        if dist.is_main and not args.quiet:
+            print(f"{'interrupted at' if result['interrupted'] else 'finished'} step {result['step']}: {args.out}")
+        return 130 if result["interrupted"] else 0
+    finally:
+        shutdown(dist)
