@@ -13,6 +13,7 @@ VERBS = {
     "info": "medgen_rt.cli.info",
     "phantom": "medgen_rt.cli.phantom",
     "train": "medgen_rt.cli.train",
+    "encode": "medgen_rt.cli.encode",
 }
 
 

@@ -1,0 +1,69 @@
+"""`medgen encode`: a trained VQ-GAN turns an image data set into cached latents
+(see medgen_rt.train.latents) with their 1/std scale factor, so the diffusion
+model trains without the autoencoder. Masks (CT label maps) are kept beside the
+latents at image resolution for TGCA / ControlNet training."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medgen_rt.diffusion import latent_scale_factor
+from medgen_rt.train.latents import write_latent_set
+from medgen_rt.train.vae import open_image_set
+
+
+def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quiet: bool = False,
+                   overwrite: bool = False) -> dict:
+    from medgen_rt.models import load_model
+    from medgen_rt.train.distributed import pick_device
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
+    model, info = load_model(vae_run)
+    if info.get("kind") != "vqgan":
+        raise ValueError(f"--vae {vae_run}: a VQ-GAN run is needed, this is a {info.get('kind')} run")
+    dev = pick_device(device)
+    model = model.to(dev).eval()
+    modality = info["modality"]
+    dataset = open_image_set(data, modality, info.get("data", {}))
+    if len(dataset) == 0:
+        raise ValueError(f"--data {data}: no volumes found")
+
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(dataset), desc="encode", unit="volume", dynamic_ncols=True)
+    latents, names, masks, geometry = [], [], [], None
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            image = torch.from_numpy(np.ascontiguousarray(item["image"], dtype=np.float32))
+            z = model.encode_to_latent(image[None, None].to(dev))[0].cpu()
+            latents.append(z)
+            names.append(item["name"])
+            mask = item.get("mask")
+            masks.append(None if mask is None else torch.from_numpy(np.asarray(mask, dtype=np.uint8)))
+            if geometry is None:
+                geometry = {"image_shape": list(image.shape), "affine": np.asarray(item["affine"]).tolist()}
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if any(m is None for m in masks) and any(m is not None for m in masks):
+        raise ValueError(f"--data {data}: some volumes have masks and some do not; all or none must")
+    scale = latent_scale_factor(latents)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_latent_set(tmp, zip(names, latents, masks), scale,
+                     extra={"vae_run": str(Path(vae_run).resolve()), "modality": modality, "geometry": geometry,
+                            "data": str(Path(data).resolve())})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return {"items": len(latents), "latent_shape": list(latents[0].shape), "scale_factor": scale, "out": str(out)}
