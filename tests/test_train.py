@@ -154,3 +154,56 @@ def test_bad_inputs_fail_before_training(tmp_path, latents):
     assert p.returncode == 2 and "not a latents folder" in p.stderr and not out.exists()
     p = run("control", "--config", str(_config(tmp_path)), "--latents", str(latents), "--out", str(out))
     assert p.returncode == 2 and "control" in p.stderr
+
+
+@pytest.mark.parametrize("preset", ["ct-ds8-b2", "cmr4d-b", "medlord", "ct-tiny", "cmr4d-tiny"])
+def test_presets_parse_and_build(preset):
+    """Every shipped preset's settings and models are valid (built on the meta device: no memory)."""
+    from medgen_rt.models.dit import DiT, dit_config
+    from medgen_rt.models.unet import UNetDenoiser, unet_config
+    from medgen_rt.models.vqgan import build_vqgan
+    from medgen_rt.train.config import load_config, preset_names
+    from medgen_rt.train.tasks import DiffusionSettings
+
+    assert preset in preset_names()
+    cfg, _ = load_config(preset)
+    for stage in ("vae", "dit", "control", "unet"):
+        if stage in cfg:
+            TrainSettings.from_dict(dict(cfg[stage].get("train", {})), stage)
+            if "diffusion" in cfg[stage]:
+                DiffusionSettings(**cfg[stage]["diffusion"])
+    with torch.device("meta"):
+        build_vqgan(cfg["vae"]["model"], **cfg["vae"].get("model_overrides", {}))
+        if "dit" in cfg:
+            overrides = {k: v for k, v in cfg["dit"].get("model_overrides", {}).items() if v != "auto"}
+            DiT(dit_config(cfg["dit"]["model"], **overrides))
+        if "unet" in cfg:
+            UNetDenoiser(unet_config(cfg["unet"]["model"]))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, latents):
+    config = _config(tmp_path, steps=100000, checkpoint_every=100000, val_every=0)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(config, latents, out), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() or len((out / "metrics.csv").read_text().splitlines()) < 4:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert step >= 3
+    state = json.loads((out / "checkpoints" / latest / "state.json").read_text())
+    assert state["step"] == step
+
+
+def test_energy_is_metered_offline(tmp_path, latents):
+    out = tmp_path / "run"
+    cmd = [c for c in _train_cmd(_config(tmp_path, steps=3, val_every=0), latents, out) if c != "--no-energy"]
+    _run(cmd + ["--country", "FRA"])
+    energy = json.loads((out / "energy.json").read_text())
+    assert energy["country"] == "FRA" and energy["kwh"] > 0 and energy["kg_co2e"] > 0
+    assert energy["sessions"][0]["tool"] == "codecarbon OfflineEmissionsTracker"
