@@ -35,10 +35,14 @@ def check_country(code: str) -> str:
 class EnergyMeter:
     """Meters named phases; disabled meters record durations only."""
 
-    def __init__(self, country: Optional[str] = None, enabled: bool = True, output_dir: Optional[str] = None):
+    def __init__(self, country: Optional[str] = None, enabled: bool = True, output_dir: Optional[str] = None,
+                 tracking_mode: str = "process"):
+        """tracking_mode: "process" meters this process (one-process runs); "machine"
+        meters the whole machine, for runs with several processes on it (DDP)."""
         self.country = check_country(country or default_country())
         self.enabled = enabled
         self.output_dir = output_dir
+        self.tracking_mode = tracking_mode
         self.phases: dict = {}
 
     def _tracker(self, name: str):
@@ -47,7 +51,7 @@ class EnergyMeter:
         # codecarbon logs at INFO/WARNING on every start; keep our output readable.
         logging.getLogger("codecarbon").setLevel(logging.ERROR)
         kwargs = dict(country_iso_code=self.country, project_name=f"medgen_rt:{name}", log_level="error",
-                      measure_power_secs=5, tracking_mode="process", allow_multiple_runs=True)
+                      measure_power_secs=5, tracking_mode=self.tracking_mode, allow_multiple_runs=True)
         if self.output_dir:
             kwargs.update(save_to_file=True, output_dir=str(self.output_dir), output_file="emissions.csv")
         else:

@@ -281,7 +281,9 @@ class Trainer:
 
     def fit(self) -> dict:
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
-        meter = EnergyMeter(country=self.country, enabled=self.energy_enabled and self.dist.is_main)
+        # Rank 0 meters for all: the whole machine when several processes share it.
+        meter = EnergyMeter(country=self.country, enabled=self.energy_enabled and self.dist.is_main,
+                            tracking_mode="machine" if self.dist.distributed else "process")
         bar = None
         if not self.quiet:
             from tqdm import tqdm
