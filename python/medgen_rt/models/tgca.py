@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medgen_rt.models.conditioning import drop_whole_masks
 from medgen_rt.models.dit import DiT
 
 ENCODER_CHANNELS = (8, 16, 32, 64, 128)
@@ -125,9 +126,8 @@ class TGCA(nn.Module):
         controls = None
         if mask is not None:
             self.check_mask(x, mask)
-            if self.training and self.condition_dropout_prob > 0:
-                keep = torch.rand(mask.shape[0], device=mask.device) >= self.condition_dropout_prob
-                mask = mask * keep.view(-1, *([1] * (mask.dim() - 1))).to(mask.dtype)
+            if self.training:
+                mask = drop_whole_masks(mask, self.condition_dropout_prob)
             control = self.control_tokens(mask, t_emb, grid)
             controls = {layer: self.adapter_scales[i] * control for i, layer in enumerate(self.inject_layers)}
         tokens = self.base.run_blocks(tokens, c, rope, controls)

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 
+from medgen_rt.models.conditioning import drop_whole_masks
+
 
 @dataclass
 class UNetConfig:
@@ -136,9 +138,8 @@ class ControlledUNet(nn.Module):
                              f"got {tuple(mask.shape)}")
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        if self.training and self.condition_dropout_prob > 0:
-            keep = torch.rand(mask.shape[0], device=mask.device) >= self.condition_dropout_prob
-            mask = mask * keep.view(-1, *([1] * (mask.dim() - 1))).to(mask.dtype)
+        if self.training:
+            mask = drop_whole_masks(mask, self.condition_dropout_prob)
         down, mid = self.controlnet(x, t, controlnet_cond=mask.to(x.dtype),
                                     conditioning_scale=self.conditioning_scale)
         return self.base(x, t, down_residuals=down, mid_residual=mid)

@@ -160,7 +160,6 @@ class Trainer:
         rng = ts.get("rng", {}).get(str(self.dist.rank))
         if rng is not None:
             torch.set_rng_state(rng)
-        self.task.load_extra_state(ts.get("task", {}))
         self.step = int(data["state"]["step"])
         if self.dist.is_main:
             self._truncate_metrics(self.step)
@@ -212,7 +211,7 @@ class Trainer:
         if self.dist.is_main:
             weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
             trainer_state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                             "rng": rng, "task": self.task.extra_state()}
+                             "rng": rng}
             ckpt.write_checkpoint(self.run_dir, self.step, weights, self._ema_tensors(), trainer_state,
                                   {"step": self.step, "task": self.task.name, "world_size": self.dist.world_size},
                                   keep=self.s.keep_checkpoints)

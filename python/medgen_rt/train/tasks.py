@@ -9,7 +9,6 @@
     losses(batch, step)  ({optimizer name: loss}, {log name: float})
     validate()           {name: float} on held-out data, deterministic
     model_info()         what model.json records
-    extra_state() / load_extra_state(d)          task state beyond weights
 """
 from __future__ import annotations
 
@@ -55,7 +54,20 @@ class DiffusionSettings:
         return x_t, t, D.training_target(x0, noise, t, self.schedule, self.prediction)
 
 
-class DenoiserTask:
+class TrainingTask:
+    """Defaults shared by the tasks; subclasses set self._info and the rest."""
+
+    name = "task"
+    _info: dict = {}
+
+    def learning_rates(self) -> dict:
+        return {}
+
+    def model_info(self) -> dict:
+        return self._info
+
+
+class DenoiserTask(TrainingTask):
     """DiT or U-Net on cached latents; with masks for TGCA / ControlNet training.
 
     model(x_t, t) for unconditional denoisers, model(x_t, t, mask) for control
@@ -82,9 +94,6 @@ class DenoiserTask:
 
     def parameter_groups(self) -> dict:
         return {"model": list(self.model.parameters())}
-
-    def learning_rates(self) -> dict:
-        return {}
 
     def num_train(self) -> int:
         return len(self.train_set)
@@ -153,12 +162,3 @@ class DenoiserTask:
         t = torch.tensor([int(frac * self.diffusion.timesteps)], device=self.device)
         x_t = self.diffusion.schedule.add_noise(x0, noise, t)
         return x_t, t, D.training_target(x0, noise, t, self.diffusion.schedule, self.diffusion.prediction)
-
-    def model_info(self) -> dict:
-        return self._info
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medgen_rt.train.latents import per_sample_generator
+from medgen_rt.train.tasks import TrainingTask
 
 
 def open_image_set(path: str, modality: str, data_cfg: dict):
@@ -51,7 +52,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-class VQGANTask:
+class VQGANTask(TrainingTask):
     name = "vae"
 
     def __init__(self, model, discriminator, loss, train_set, val_set, modality: str, data_cfg: dict, device,
@@ -133,15 +134,6 @@ class VQGANTask:
             scores.append(psnr(rec, vol))
         self.model.train(was)
         return {"l1": float(np.mean(l1)), "psnr": float(np.mean(scores))}
-
-    def model_info(self) -> dict:
-        return self._info
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
 
 
 def build_vae_task(args, cfg: dict, section: dict, device, where: str) -> VQGANTask:
