@@ -122,7 +122,7 @@ def test_ddp_two_processes_equal_one(tmp_path, latents):
     one = tmp_path / "one"
     _run(_train_cmd(config, latents, one))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "medgen_rt.train", "dit", "--config", str(config), "--latents", str(latents), "--out", str(two),
            "--quiet", "--no-energy", "--device", "cpu"]
     _run(cmd)

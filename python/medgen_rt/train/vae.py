@@ -155,7 +155,14 @@ def build_vae_task(args, cfg: dict, section: dict, device, where: str) -> VQGANT
     model = build_vqgan(section["model"], **dict(section.get("model_overrides", {})))
     disc_cfg = dict(section.get("discriminator", {}))
     disc = PatchDiscriminator(spatial_dims=3, in_channels=model.config.in_channels, **disc_cfg)
-    loss = VQGANLoss(**dict(section.get("loss", {})))
+    loss_cfg = dict(section.get("loss", {}))
+    weights = loss_cfg.pop("perceptual_weights", None)  # a local MedicalNet-style file; never downloaded
+    perceptual = None
+    if loss_cfg.get("perceptual_weight", 0) > 0:
+        from medgen_rt.models.losses import PerceptualLoss
+
+        perceptual = PerceptualLoss(weights, depth=int(loss_cfg.pop("perceptual_depth", 10)))
+    loss = VQGANLoss(perceptual=perceptual, **loss_cfg)
     info = {"kind": "vqgan", "config": model.config_dict(), "modality": modality, "data": data_cfg,
             "downsample_factor": list(model.downsample_factor)}
     return VQGANTask(model, disc, loss, train, val, modality, data_cfg, device, info,
