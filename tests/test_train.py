@@ -79,8 +79,8 @@ def test_run_folder_contents(tmp_path, latents):
     assert info["kind"] == "dit" and info["scale_factor"] == pytest.approx(1.7)
     assert info["config"]["input_size"] == [4, 8, 8, 4]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert [int(r["step"]) for r in rows] == list(range(1, 13))
-    assert rows[5]["val_loss"] and float(rows[11]["val_loss"]) > 0
+    assert [int(r["step"]) for r in rows] == list(range(0, 13))  # step 0: the untrained baseline
+    assert rows[0]["val_loss"] and rows[6]["val_loss"] and float(rows[12]["val_loss"]) > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000012"
     # EMA differs from the raw weights after training
     raw, ema = load_weights(out / "weights.safetensors"), load_weights(out / "ema.safetensors")

@@ -293,6 +293,10 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             with meter.phase("train"):
+                if self.step == 0 and self.s.val_every and self.dist.is_main:
+                    # the untrained model's validation terms: the baseline progress is measured against
+                    self._log_metrics({"step": 0, "seconds": 0.0,
+                                       **{f"val_{k}": v for k, v in self.task.validate().items()}})
                 while self.step < self.s.steps:
                     if self._stop:
                         raise StopRequested()
