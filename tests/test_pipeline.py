@@ -59,6 +59,22 @@ def test_ct_pipeline_with_tgca(tmp_path):
     assert info["kind"] == "tgca" and info["mask_labels"] == [1, 2, 3, 4, 5, 6]
     assert info["base"]["kind"] == "dit"
 
+    # the MedLoRD baseline on the same latents: U-Net, then ControlNet on the masks
+    _medgen("train", "unet", "--config", cfg, "--latents", str(runs / "lat"), "--out", str(runs / "unet"), *common)
+    _medgen("train", "control", "--config", cfg, "--latents", str(runs / "lat"), "--base", str(runs / "unet"),
+            "--out", str(runs / "controlnet"), *common)
+    info = json.loads((runs / "controlnet" / "model.json").read_text())
+    assert info["kind"] == "controlnet" and info["base"]["kind"] == "unet"
+    assert info["config"]["mask_downsample"] == 4 and info["config"]["mask_channels"] == 6
+
+    # every finished run loads back as a network (what sampling will do)
+    from medgen_rt.models import load_model
+
+    for run, kind in (("vae", "vqgan"), ("dit", "dit"), ("tgca", "tgca"), ("unet", "unet"),
+                      ("controlnet", "controlnet")):
+        model, loaded = load_model(runs / run)
+        assert loaded["kind"] == kind and sum(p.numel() for p in model.parameters()) > 0
+
 
 def test_cmr_pipeline(tmp_path):
     data, runs = tmp_path / "cmr", tmp_path / "runs"

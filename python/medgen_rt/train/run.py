@@ -126,7 +126,7 @@ def _control_task(args, cfg, device, where):
     if not labels:
         raise ValueError(f"{where}: control.mask_labels must list the label values to condition on")
     kind = "tgca" if base_info["kind"] == "dit" else "controlnet"
-    params = dict(section.get("params", {}))
+    params = dict(section.get(kind, {}))  # control.tgca or control.controlnet, by the base model
     params["mask_channels"] = len(labels)
     info = {"kind": kind, "config": params, "base": base_info, "mask_labels": labels,
             "diffusion": base_info["diffusion"], "scale_factor": base_info["scale_factor"],
