@@ -9,6 +9,7 @@ reconstructs whole held-out subjects and reports L1 and PSNR (data range 2).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -67,15 +68,23 @@ class VQGANTask(TrainingTask):
         self.disc_lr = disc_lr
         self.crop = tuple(data_cfg.get("crop", ()))
         self.crops_per_volume = int(data_cfg.get("crops_per_volume", 4))
-        self._cache: dict = {}
+        self.cache_volumes = int(data_cfg.get("cache_volumes", 32))
+        self._cache: OrderedDict = OrderedDict()
         first = self._volume(self.train_set, 0)
         self.n_slices = first.shape[2] if modality == "cmr" else 1
 
     def _volume(self, dataset, i: int) -> torch.Tensor:
+        """Preprocessed volume, from a bounded in-memory cache (data.cache_volumes, default 32):
+        small sets stay in memory, large ones do not exhaust it."""
         key = (id(dataset), i)
-        if key not in self._cache:
-            self._cache[key] = torch.from_numpy(np.ascontiguousarray(dataset[i]["image"], dtype=np.float32))
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        vol = torch.from_numpy(np.ascontiguousarray(dataset[i]["image"], dtype=np.float32))
+        self._cache[key] = vol
+        if len(self._cache) > self.cache_volumes:
+            self._cache.popitem(last=False)
+        return vol
 
     def modules(self) -> dict:
         return {"model": self.model, "discriminator": self.discriminator}
