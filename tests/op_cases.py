@@ -94,6 +94,23 @@ def _vq_inputs(shape, dtype, device, layout, gen):
     return (z, codebook), {}
 
 
+def _tile_blend_inputs(shape, dtype, device, layout, gen):
+    B, C, full, start, size = shape
+    out = torch.randn(B, C, *full, generator=gen).to(device, torch.float32)
+    wsum = torch.rand(*full, generator=gen).to(device, torch.float32)
+    tile = torch.randn(B, C, *size, generator=gen).to(device, dtype)
+    region = tuple(slice(a, a + n) for a, n in zip(start, size))
+    weight = torch.rand(*size, generator=gen).to(device, torch.float32) if layout == "weighted" else None
+    return (out, wsum, tile, region, weight), {}
+
+
+def _tile_normalize_inputs(shape, dtype, device, layout, gen):
+    B, C, full = shape
+    out = torch.randn(B, C, *full, generator=gen).to(device, torch.float32)
+    wsum = (torch.rand(*full, generator=gen) * 2).floor().to(device, torch.float32)  # zeros stay uncovered
+    return (out, wsum), {}
+
+
 OP_CASES = {
     "adaln_modulate": OpCase(
         make_inputs=_adaln_inputs,
@@ -136,5 +153,17 @@ OP_CASES = {
         layouts=["contiguous", "channels_first_view"],
         dtypes=(torch.float32,),
         differentiable=False,
+    ),
+    # in place: the harness compares the mutated output buffers
+    "tile_blend": OpCase(
+        make_inputs=_tile_blend_inputs,
+        shapes=[(1, 1, (8, 6, 5), (2, 0, 1), (4, 6, 3)), (2, 3, (16, 16, 8), (5, 7, 0), (7, 9, 8))],
+        small_shapes=[(1, 1, (8, 6, 5), (2, 0, 1), (4, 6, 3))],
+        layouts=["unweighted", "weighted"], differentiable=False,
+    ),
+    "tile_normalize": OpCase(
+        make_inputs=_tile_normalize_inputs,
+        shapes=[(1, 1, (8, 6, 5)), (2, 3, (16, 16, 8))], small_shapes=[(1, 1, (8, 6, 5))],
+        dtypes=(torch.float32,), differentiable=False,
     ),
 }
