@@ -801,18 +801,8 @@ def write_acdc_dataset(out_dir: PathLike, n: int, seed: int = 0, quiet: bool = F
             "height_cm": ph.params["height_cm"],
             "weight_kg": ph.params["weight_kg"],
         })
-    manifest = {
-        "format": "acdc",
-        "generator": "medgen_rt.data.phantoms.make_cine_phantom",
-        "n": n,
-        "seed": int(seed),
-        "seed_rule": "subject i (1-based) uses numpy SeedSequence([seed, i]).generate_state(1)[0]",
-        "phantom_kwargs": phantom_kwargs,
-        "labels": CMR_LABELS,
-        "subjects": subjects,
-    }
-    write_json_atomic(out / "dataset.json", manifest)
-    return to_jsonable(manifest)
+    return _write_manifest(out, {"format": "acdc"}, "make_cine_phantom", n, seed, phantom_kwargs, CMR_LABELS,
+                           subjects)
 
 
 def write_ct_dataset(out_dir: PathLike, n: int, seed: int = 0, quiet: bool = False, **phantom_kwargs) -> dict:
@@ -835,15 +825,21 @@ def write_ct_dataset(out_dir: PathLike, n: int, seed: int = 0, quiet: bool = Fal
         write_volume(out / "images" / f"{name}.nii.gz", ph.image, ph.affine, kind="ct")
         write_volume(out / "masks" / f"{name}.nii.gz", ph.labels, ph.affine, kind="label")
         subjects.append({"name": name, "seed": s, "scale": ph.params["S"]})
+    return _write_manifest(out, {"format": "volume_folder", "kind": "ct"}, "make_ct_phantom", n, seed,
+                           phantom_kwargs, CT_LABELS, subjects)
+
+
+def _write_manifest(out: Path, layout: dict, generator: str, n: int, seed, phantom_kwargs: dict, labels: dict,
+                    subjects: list) -> dict:
+    """dataset.json of a written phantom set (layout, generator, seeds, labels, subjects); returns it."""
     manifest = {
-        "format": "volume_folder",
-        "kind": "ct",
-        "generator": "medgen_rt.data.phantoms.make_ct_phantom",
+        **layout,
+        "generator": f"medgen_rt.data.phantoms.{generator}",
         "n": n,
         "seed": int(seed),
         "seed_rule": "subject i (1-based) uses numpy SeedSequence([seed, i]).generate_state(1)[0]",
         "phantom_kwargs": phantom_kwargs,
-        "labels": CT_LABELS,
+        "labels": labels,
         "subjects": subjects,
     }
     write_json_atomic(out / "dataset.json", manifest)
