@@ -22,10 +22,18 @@ def info() -> dict:
     return collect_info()
 
 
+def sample(model: str = "default", n: int = 1, seed: int = 0, **kwargs) -> list:
+    """Generate volumes; see :func:`medgen_rt.sampling.api.sample` for every argument."""
+    from medgen_rt.sampling.api import sample as _sample
+
+    return _sample(model, n=n, seed=seed, **kwargs)
+
+
 def __getattr__(name: str):
-    if name in {"ops", "io", "data", "kernels", "export", "cli", "models", "diffusion", "train", "runtime"}:
+    if name in {"ops", "io", "data", "kernels", "export", "cli", "models", "diffusion", "train", "runtime",
+                "sampling"}:
         return import_module(f"medgen_rt.{name}")
     raise AttributeError(f"module 'medgen_rt' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "info"]
+__all__ = ["__version__", "info", "sample"]

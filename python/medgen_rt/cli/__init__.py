@@ -14,6 +14,7 @@ VERBS = {
     "phantom": "medgen_rt.cli.phantom",
     "train": "medgen_rt.cli.train",
     "encode": "medgen_rt.cli.encode",
+    "sample": "medgen_rt.cli.sample",
 }
 
 
