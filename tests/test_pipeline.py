@@ -67,6 +67,29 @@ def test_ct_pipeline_with_tgca(tmp_path):
     assert info["kind"] == "controlnet" and info["base"]["kind"] == "unet"
     assert info["config"]["mask_downsample"] == 4 and info["config"]["mask_channels"] == 6
 
+    # mask-conditioned sampling with guidance; the mask is written beside the volume
+    samples = tmp_path / "samples"
+    p = _medgen("sample", "--model", str(runs / "tgca"), "--masks", str(data / "masks" / "ct_001.nii.gz"),
+                "--steps", "3", "--guidance", "2.0", "--n", "2", "--out", str(samples), "--no-energy", "--quiet")
+    side = json.loads((samples / "sample_001.json").read_text())
+    assert side["kind"] == "tgca" and side["guidance"] == 2.0 and side["mask"].endswith("ct_001.nii.gz")
+    assert sorted(x.name for x in samples.iterdir()) == sorted(
+        f"sample_00{i}{ext}" for i in (0, 1) for ext in (".json", ".nii.gz", ".png", "_mask.nii.gz"))
+    # a mask of the wrong shape or with unknown labels: a clear error, no files
+    import nibabel as nib
+    import numpy as np
+
+    bad = tmp_path / "bad_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), np.eye(4)), str(bad))
+    p = _medgen("sample", "--model", str(runs / "tgca"), "--masks", str(bad), "--out", str(tmp_path / "s2"),
+                "--no-energy", ok=False)
+    assert p.returncode == 2 and "mask shape (16, 16, 16)" in p.stderr and not (tmp_path / "s2").exists()
+    wrong = tmp_path / "wrong_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((32, 32, 16), 9, np.uint8), np.eye(4)), str(wrong))
+    p = _medgen("sample", "--model", str(runs / "tgca"), "--masks", str(wrong), "--out", str(tmp_path / "s3"),
+                "--no-energy", ok=False)
+    assert p.returncode == 2 and "labels [9]" in p.stderr and not (tmp_path / "s3").exists()
+
     # every finished run loads back as a network (what sampling will do)
     from medgen_rt.models import load_model
 
