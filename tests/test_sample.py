@@ -31,6 +31,7 @@ def test_default_sample_without_arguments(tmp_path):
     side = json.loads((out / "sample_000.json").read_text())
     assert side["seed"] == 0 and side["sampler"] == "ddim" and side["steps"] == 50
     assert side["energy"]["run_kwh"] > 0 and side["energy"]["country"] == "DEU"
+    assert set(side["peak_memory_gb"]) == {"denoise", "decode"} and side["peak_memory_gb"]["decode"] > 0
     assert "Wh" in proc.stdout and "g CO2e" in proc.stdout
 
 

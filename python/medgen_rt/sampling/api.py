@@ -54,6 +54,18 @@ def resolve_model(model: str) -> tuple:
     raise ValueError(f"model {model!r}: the VQ-GAN run it was trained on ({info.get('vae_run')}) was not found")
 
 
+def _peak_memory(device) -> float:
+    """GB: CUDA peak allocated since the last call on a GPU (then reset); on the CPU the
+    process's peak resident memory so far (the OS keeps no per-phase peak)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return round(peak / 2**30, 3)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
 def _model_fn(model, conditional: bool):
     def fn(x, t, cond):
         t = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
@@ -148,6 +160,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     results = []
     fn = _model_fn(net, conditional)
     for i in range(n):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
         noise = torch.randn((1,) + latent_shape, generator=gen).to(dev)
         cond = null = None
@@ -161,9 +175,20 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                          noise=noise, generator=gen, device=dev, prediction_type=diff.get("prediction"),
                          progress=(lambda k, total: bar.update(1)) if bar is not None else None)
         t1 = time.perf_counter()
+        memory = {"denoise": _peak_memory(dev)}
+        tile_bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            tile_bar = tqdm(desc="decode", unit="tile", dynamic_ncols=True, leave=False)
         with meter.phase("decode"):
-            image = tiled_decode(vae.decode, z / scale, dec_geometry, core=core)[0, 0].numpy()
+            image = tiled_decode(vae.decode, z / scale, dec_geometry, core=core,
+                                 progress=(lambda k, total: (setattr(tile_bar, "total", total), tile_bar.update(1)))
+                                 if tile_bar is not None else None)[0, 0].numpy()
+        if tile_bar is not None:
+            tile_bar.close()
         t2 = time.perf_counter()
+        memory["decode"] = _peak_memory(dev)
         if modality == "ct":
             from medgen_rt.data.preprocess import unit_to_ct
 
@@ -174,6 +199,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                 "preset": model if model in ("default", DEFAULT_MODEL) else None, "seed": seed + i,
                 "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
                 "timings_s": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
+                "peak_memory_gb": memory,
                 "device": str(dev), "engine": engine}
         if conditional:
             meta["mask"] = str(mask_items[i][0])
