@@ -124,8 +124,8 @@ class Trainer:
                                                       weight_decay=settings.weight_decay)
         self.base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in self.optimizers.items()}
         self.ema = None
-        if settings.ema_decay:
-            self.ema = {m: {k: p.detach().clone().float() for k, p in mod.named_parameters()}
+        if settings.ema_decay:  # trainable parameters only; buffers and frozen weights come from the live model
+            self.ema = {m: {k: p.detach().clone().float() for k, p in mod.named_parameters() if p.requires_grad}
                         for m, mod in task.modules().items()}
         self.step = 0
         self._stop = False
@@ -153,7 +153,7 @@ class Trainer:
         if self.ema is not None:
             if data["ema"] is None:
                 raise ValueError(f"{path}: the run has EMA enabled but the checkpoint holds no EMA weights")
-            self.ema = {m: {k: v.float() for k, v in t.items()} for m, t in data["ema"].items()}
+            self.ema = {m: {k: data["ema"][m][k].float() for k in keys} for m, keys in self.ema.items()}
         ts = data["trainer_state"]
         for name, opt in self.optimizers.items():
             opt.load_state_dict(ts["optimizers"][name])
@@ -246,9 +246,9 @@ class Trainer:
         d = self.s.ema_decay
         with torch.no_grad():
             for m, mod in self.task.modules().items():
-                for k, p in mod.named_parameters():
-                    if p.requires_grad:
-                        self.ema[m][k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+                params = dict(mod.named_parameters())
+                for k, avg in self.ema[m].items():
+                    avg.mul_(d).add_(params[k].detach().float(), alpha=1 - d)
 
     def _request_stop(self, signum, frame):
         self._stop = True
