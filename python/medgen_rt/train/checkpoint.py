@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from medgen_rt.io.atomic import atomic_path
 from medgen_rt.io.sidecar import write_json_atomic
 
 
@@ -34,10 +35,8 @@ def state_dict_tensors(module: torch.nn.Module) -> dict:
 
 
 def save_weights(path: Path, tensors: dict, metadata: Optional[dict] = None) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_weights(path: Path) -> dict:
@@ -70,10 +69,8 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, ema: Optional[dict
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest = final.parent / "latest"
-    latest_tmp = final.parent / ".latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, latest)
+    with atomic_path(final.parent / "latest") as tmp:
+        tmp.write_text(final.name + "\n")
     _prune(final.parent, keep)
     return final
 

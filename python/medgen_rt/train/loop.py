@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from medgen_rt.io.atomic import atomic_path
+from medgen_rt.io.sidecar import write_json_atomic
 from medgen_rt.runtime.energy import EnergyMeter
 from medgen_rt.train import checkpoint as ckpt
 from medgen_rt.train.distributed import DistInfo, average_gradients, barrier
@@ -129,6 +131,7 @@ class Trainer:
                         for m, mod in task.modules().items()}
         self.step = 0
         self._stop = False
+        self._metric_columns = None  # header of metrics.csv, read once
         if resume:
             self._resume()
         elif dist.is_main:
@@ -170,27 +173,28 @@ class Trainer:
         path = self.run_dir / "metrics.csv"
         if not path.exists():
             return
-        rows = list(csv.reader(path.open()))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-        tmp = path.with_name(".metrics.csv.tmp")
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        tmp.replace(path)
+        rows = list(csv.DictReader(path.open()))
+        columns = list(rows[0].keys()) if rows else ["step"]
+        self._write_metrics(columns, [r for r in rows if int(r["step"]) <= step])
+
+    def _write_metrics(self, columns: list, rows: list) -> None:
+        with atomic_path(self.run_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._metric_columns = columns
 
     def _log_metrics(self, row: dict) -> None:
-        """Appends a row; a column seen for the first time (validation terms) rewrites the header."""
+        """Appends a row; a column seen for the first time (validation terms) rewrites the file."""
         path = self.run_dir / "metrics.csv"
-        rows = list(csv.DictReader(path.open())) if path.exists() else []
-        columns = list(rows[0].keys()) if rows else ["step"]
+        if self._metric_columns is None and path.exists():
+            with path.open() as f:
+                self._metric_columns = next(csv.reader(f))
+        columns = self._metric_columns or ["step"]
         added = [k for k in sorted(row) if k not in columns]
-        if added or not rows:
-            columns += added
-            tmp = path.with_name(".metrics.csv.tmp")
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows + [row])
-            tmp.replace(path)
+        if added or not path.exists():
+            rows = list(csv.DictReader(path.open())) if path.exists() else []
+            self._write_metrics(columns + added, rows + [row])
         else:
             with path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=columns).writerow(row)
@@ -206,13 +210,18 @@ class Trainer:
         tdist.all_gather(gathered, state)
         return {str(r): s for r, s in enumerate(gathered)}
 
-    def save_checkpoint(self) -> None:
+    def _snapshot(self) -> tuple:
+        """(weights, EMA weights or None) of every module, as CPU tensors."""
+        weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
+        return weights, self._ema_tensors()
+
+    def save_checkpoint(self, snapshot: Optional[tuple] = None) -> None:
         rng = self._gather_rng()  # a collective: every rank takes part
         if self.dist.is_main:
-            weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
+            weights, ema = snapshot or self._snapshot()
             trainer_state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                              "rng": rng}
-            ckpt.write_checkpoint(self.run_dir, self.step, weights, self._ema_tensors(), trainer_state,
+            ckpt.write_checkpoint(self.run_dir, self.step, weights, ema, trainer_state,
                                   {"step": self.step, "task": self.task.name, "world_size": self.dist.world_size},
                                   keep=self.s.keep_checkpoints)
         barrier(self.dist)
@@ -304,16 +313,15 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
-                    row = None
-                    if self.step % self.s.log_every == 0 or self.step == self.s.steps:
+                    last = self.step == self.s.steps
+                    validate = bool(self.s.val_every) and (self.step % self.s.val_every == 0 or last)
+                    if self.dist.is_main and (validate or self.step % self.s.log_every == 0 or last):
                         row = {"step": self.step, "seconds": round(time.perf_counter() - t0, 3), **logs}
-                    if self.s.val_every and (self.step % self.s.val_every == 0 or self.step == self.s.steps):
-                        val = self.task.validate() if self.dist.is_main else {}
-                        row = {"step": self.step, "seconds": round(time.perf_counter() - t0, 3),
-                               **(row or logs), **{f"val_{k}": v for k, v in val.items()}}
-                        if bar is not None and val:
-                            bar.write(f"step {self.step}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in val.items()))
-                    if row is not None and self.dist.is_main:
+                        if validate:
+                            val = {f"val_{k}": v for k, v in self.task.validate().items()}
+                            row.update(val)
+                            if bar is not None:
+                                bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in val.items()))
                         self._log_metrics(row)
                     if self.step % self.s.checkpoint_every == 0 and self.step < self.s.steps:
                         self.save_checkpoint()
@@ -328,10 +336,10 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if not interrupted:
-            self.save_checkpoint()
+            snapshot = self._snapshot() if self.dist.is_main else None
+            self.save_checkpoint(snapshot)
             if self.dist.is_main:
-                weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
-                ckpt.write_model_files(self.run_dir, weights, self._ema_tensors(), self.task.model_info())
+                ckpt.write_model_files(self.run_dir, *snapshot, self.task.model_info())
         if self.dist.is_main:
             self._write_energy(meter.report())
         barrier(self.dist)
@@ -339,8 +347,6 @@ class Trainer:
 
     def _write_energy(self, report: dict) -> None:
         """Adds this session to the run's energy.json (a resumed run has several sessions)."""
-        from medgen_rt.io.sidecar import write_json_atomic
-
         path = self.run_dir / "energy.json"
         total = json.loads(path.read_text()) if path.exists() else {"sessions": []}
         total["sessions"].append({**report, "ended_at_step": self.step, "processes": self.dist.world_size})
