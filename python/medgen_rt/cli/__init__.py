@@ -18,6 +18,10 @@ VERBS = {
 }
 
 
+# Errors that mean the user's input is wrong (a missing file, a bad value), not a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medgen_rt import __version__
 
@@ -42,6 +46,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(import_module(VERBS[args.command]).run(args) or 0)
+    except USER_ERRORS as exc:  # bad input: one readable line, no traceback
+        print(f"medgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("medgen: interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,6 @@
 """`medgen encode --vae RUN --data DIR --out DIR`: cache latents for diffusion training."""
 from __future__ import annotations
 
-import sys
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("encode", help="encode a data set into latents with a trained VQ-GAN")
@@ -17,12 +15,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from medgen_rt.train.encode import encode_dataset
 
-    try:
-        result = encode_dataset(args.vae, args.data, args.out, device=args.device, quiet=args.quiet,
-                                overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"medgen encode: error: {exc}", file=sys.stderr)
-        return 2
+    result = encode_dataset(args.vae, args.data, args.out, device=args.device, quiet=args.quiet,
+                            overwrite=args.overwrite)
     print(f"encoded {result['items']} volume(s) to {result['out']}: latent {tuple(result['latent_shape'])}, "
           f"scale factor {result['scale_factor']:.4g}")
     return 0

@@ -2,8 +2,6 @@
 With no arguments it samples the embedded cine model into ./samples."""
 from __future__ import annotations
 
-import sys
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="generate volumes (default: the embedded cine model)")
@@ -25,13 +23,9 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from medgen_rt.sampling.api import sample
 
-    try:
-        results = sample(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                         guidance=args.guidance, masks=args.masks, device=args.device, out=args.out, eta=args.eta,
-                         energy=not args.no_energy, country=args.country, quiet=args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"medgen sample: error: {exc}", file=sys.stderr)
-        return 2
+    results = sample(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                     guidance=args.guidance, masks=args.masks, device=args.device, out=args.out, eta=args.eta,
+                     energy=not args.no_energy, country=args.country, quiet=args.quiet)
     energy = results[0]["metadata"]["energy"]
     timings = [r["metadata"]["timings_s"] for r in results]
     seconds = sum(t["denoise"] + t["decode"] for t in timings)

@@ -1,8 +1,6 @@
 """`medgen train vae|dit|control|unet`: see medgen_rt.train.run for the arguments."""
 from __future__ import annotations
 
-import sys
-
 
 def add_parser(subparsers) -> None:
     from medgen_rt.train.run import add_arguments
@@ -14,8 +12,4 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from medgen_rt.train.run import main
 
-    try:
-        return main(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"medgen train: error: {exc}", file=sys.stderr)
-        return 2
+    return main(args)
