@@ -109,7 +109,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     """
     from medgen_rt.models import load_model
     from medgen_rt.sampling.decode import decoder_geometry, tiled_decode
-    from medgen_rt.train.distributed import pick_device
+    from medgen_rt.runtime.device import pick_device
 
     if engine != "torch":
         raise ValueError(f"engine {engine!r}: only 'torch' exists yet (the ONNX engine comes with its issue)")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from medgen_rt.runtime.device import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -23,18 +25,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    if preference in ("auto", None):
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible to torch")
-        return torch.device("cuda", local_rank if preference == "cuda" else int(preference.split(":")[1]))
-    if preference != "cpu":
-        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {preference!r}")
-    return torch.device("cpu")
 
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:

@@ -18,7 +18,7 @@ from medgen_rt.train.vae import open_image_set
 def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quiet: bool = False,
                    overwrite: bool = False) -> dict:
     from medgen_rt.models import load_model
-    from medgen_rt.train.distributed import pick_device
+    from medgen_rt.runtime.device import pick_device
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -104,11 +104,12 @@ def _denoiser_task(args, cfg, device, where):
         if train.latent_shape[0] != model_cfg.in_channels:
             raise ValueError(f"{where}: latents have {train.latent_shape[0]} channels, the U-Net expects "
                              f"{model_cfg.in_channels}")
-    info = {"kind": args.stage, "config": model_cfg.to_dict(), "diffusion": _diffusion(section).to_dict(),
+    diffusion = _diffusion(section)
+    info = {"kind": args.stage, "config": model_cfg.to_dict(), "diffusion": diffusion.to_dict(),
             "scale_factor": train.scale_factor, "latent_shape": list(train.latent_shape),
             "vae_run": train.index.get("vae_run"), "modality": cfg["modality"], "geometry": train.index.get("geometry")}
     model = build_model(info)
-    return DenoiserTask(model, train, val, _diffusion(section), device, info)
+    return DenoiserTask(model, train, val, diffusion, device, info)
 
 
 def _control_task(args, cfg, device, where):

@@ -107,9 +107,7 @@ class DenoiserTask(TrainingTask):
         return x0, mask
 
     def mask_tensor(self, labels: torch.Tensor) -> torch.Tensor:
-        """Stored label map (uint8, image resolution) -> model mask (K, ...) float."""
-        if labels.dim() == len(self.train_set.latent_shape):  # already (K, ...)
-            return labels.float()
+        """Stored label map (uint8, image resolution; `medgen encode` writes these) -> (K, ...) float one-hot."""
         return torch.stack([(labels == v) for v in self.mask_labels]).float()
 
     def make_batch(self, indices, positions, step, seed) -> dict:
