@@ -108,8 +108,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     for a seed on the same device (volume i uses seed + i).
     """
     from medgen_rt.models import load_model
-    from medgen_rt.sampling.decode import decoder_geometry, tiled_decode
     from medgen_rt.runtime.device import pick_device
+    from medgen_rt.sampling.decode import decoder_geometry, tiled_decode
 
     if engine != "torch":
         raise ValueError(f"engine {engine!r}: only 'torch' exists yet (the ONNX engine comes with its issue)")
@@ -117,9 +117,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         raise ValueError(f"n must be >= 1, got {n}")
     denoiser_dir, vae_dir = resolve_model(model)
     dev = pick_device(device or "auto")
-    net, info = load_model(denoiser_dir)
-    vae, vae_info = load_model(vae_dir)
-    net, vae = net.to(dev).eval(), vae.to(dev).eval()
+    # Check the cheap things (masks, output folder) from model.json before loading any weights.
+    info = json.loads((denoiser_dir / "model.json").read_text())
+    vae_info = json.loads((vae_dir / "model.json").read_text())
     diff = info["diffusion"]
     objective = diff["objective"]
     sampler = sampler or ("euler" if objective == "flow" else "ddim")
@@ -149,6 +149,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         except OSError as exc:
             raise ValueError(f"out {out}: cannot write there ({exc})") from None
 
+    net, _ = load_model(denoiser_dir)
+    vae, _ = load_model(vae_dir)
+    net, vae = net.to(dev).eval(), vae.to(dev).eval()
     meter = EnergyMeter(country=country, enabled=energy)
     dec_geometry = decoder_geometry(vae)
     core = tuple(min(s, 32) for s in latent_shape[1:])
