@@ -97,7 +97,7 @@ def _vq_inputs(shape, dtype, device, layout, gen):
 def _tile_blend_inputs(shape, dtype, device, layout, gen):
     B, C, full, start, size = shape
     out = torch.randn(B, C, *full, generator=gen).to(device, torch.float32)
-    wsum = torch.rand(*full, generator=gen).to(device, torch.float32)
+    wsum = torch.rand(*full, generator=gen).to(device, torch.float32) if layout != "no_weight_sum" else None
     tile = torch.randn(B, C, *size, generator=gen).to(device, dtype)
     region = tuple(slice(a, a + n) for a, n in zip(start, size))
     weight = torch.rand(*size, generator=gen).to(device, torch.float32) if layout == "weighted" else None
@@ -159,7 +159,7 @@ OP_CASES = {
         make_inputs=_tile_blend_inputs,
         shapes=[(1, 1, (8, 6, 5), (2, 0, 1), (4, 6, 3)), (2, 3, (16, 16, 8), (5, 7, 0), (7, 9, 8))],
         small_shapes=[(1, 1, (8, 6, 5), (2, 0, 1), (4, 6, 3))],
-        layouts=["unweighted", "weighted"], differentiable=False,
+        layouts=["unweighted", "weighted", "no_weight_sum"], differentiable=False,
     ),
     "tile_normalize": OpCase(
         make_inputs=_tile_normalize_inputs,

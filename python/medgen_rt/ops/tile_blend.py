@@ -4,7 +4,9 @@ final normalisation by the accumulated weights.
     tile_blend(out, weight_sum, tile, region, weight=None)   in place
         out[:, :, region] += weight * tile ; weight_sum[region] += weight
         out (B, C, *S) float32 (may live in pinned CPU memory while the tile is on
-        the GPU: the tile is moved to out's device), weight_sum (*S) float32,
+        the GPU: the tile is moved to out's device), weight_sum (*S) float32 or
+        None when the caller's regions are disjoint with weight 1 (exact halo tiles,
+        streamed chunks): no weights to track and no normalisation needed,
         tile (B, C, *s) with s the region's size, weight None (= 1) or (*s)
     tile_normalize(out, weight_sum)   in place: out /= weight_sum (where > 0)
 
@@ -25,18 +27,20 @@ def tile_blend_reference(out: torch.Tensor, weight_sum: torch.Tensor, tile: torc
     tile = tile.to(device=out.device, dtype=out.dtype, non_blocking=True)
     if weight is None:
         out[index] += tile
-        weight_sum[tuple(region)] += 1.0
+        if weight_sum is not None:
+            weight_sum[tuple(region)] += 1.0
     else:
         weight = weight.to(device=out.device, dtype=out.dtype)
         out[index] += tile * weight
-        weight_sum[tuple(region)] += weight
+        if weight_sum is not None:
+            weight_sum[tuple(region)] += weight
 
 
 def check_tile_blend(out, weight_sum, tile, region, weight=None):
     if out.dim() != tile.dim() or out.shape[:2] != tile.shape[:2]:
         raise ValueError(f"tile_blend: tile {tuple(tile.shape)} does not match output {tuple(out.shape)} "
                          "in batch and channels")
-    if tuple(weight_sum.shape) != tuple(out.shape[2:]):
+    if weight_sum is not None and tuple(weight_sum.shape) != tuple(out.shape[2:]):
         raise ValueError(f"tile_blend: weight_sum must be {tuple(out.shape[2:])}, got {tuple(weight_sum.shape)}")
     size = tuple(s.stop - s.start for s in region)
     if size != tuple(tile.shape[2:]):
