@@ -74,7 +74,8 @@ def test_ct_pipeline_with_tgca(tmp_path):
     side = json.loads((samples / "sample_001.json").read_text())
     assert side["kind"] == "tgca" and side["guidance"] == 2.0 and side["mask"].endswith("ct_001.nii.gz")
     assert sorted(x.name for x in samples.iterdir()) == sorted(
-        f"sample_00{i}{ext}" for i in (0, 1) for ext in (".json", ".nii.gz", ".png", "_mask.nii.gz"))
+        [f"sample_00{i}{ext}" for i in (0, 1) for ext in (".json", ".nii.gz", ".png", "_mask.nii.gz")]
+        + ["summary.json"])
     # a mask of the wrong shape or with unknown labels: a clear error, no files
     import nibabel as nib
     import numpy as np

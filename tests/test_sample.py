@@ -25,13 +25,16 @@ def test_default_sample_without_arguments(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "samples"
     assert sorted(p.name for p in out.iterdir()) == ["sample_000.gif", "sample_000.json", "sample_000.nii.gz",
-                                                      "sample_000.png"]
+                                                      "sample_000.png", "summary.json"]
     img = nib.load(str(out / "sample_000.nii.gz"))
     assert img.shape == (96, 96, 8, 16) and img.get_data_dtype() == np.float32  # (X, Y, Z, T)
     side = json.loads((out / "sample_000.json").read_text())
     assert side["seed"] == 0 and side["sampler"] == "ddim" and side["steps"] == 50
     assert side["energy"]["run_kwh"] > 0 and side["energy"]["country"] == "DEU"
     assert set(side["peak_memory_gb"]) == {"denoise", "decode"} and side["peak_memory_gb"]["decode"] > 0
+    assert side["plan"]["decode_chunk"] >= 1 and side["plan"]["denoiser_dtype"] == "float32"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 1 and summary["volumes"][0]["files"]["image"].endswith("sample_000.nii.gz")
     assert "Wh" in proc.stdout and "g CO2e" in proc.stdout
 
 

@@ -10,7 +10,7 @@ import torch
 
 from medgen_rt.models.vqgan import build_vqgan
 from medgen_rt.runtime.tiling import plan_tiles
-from medgen_rt.sampling.decode import (DecoderGeometry, decoder_geometry, stream_decoder, streamed_decode,
+from medgen_rt.sampling.decode import (DecoderGeometry, decoder_geometry, stream_network, streamed_decode,
                                        tiled_decode)
 
 
@@ -102,7 +102,7 @@ def test_streaming_holds_a_bounded_slab_and_reports_progress():
     with torch.no_grad():
         full = model.decode(latent)
     sizes = []
-    stream_decoder(model.decoder, latent, 2, 2, lambda start, planes: sizes.append((start, planes.shape[2])))
+    stream_network(model.decoder, latent, 2, 2, lambda start, planes: sizes.append((start, planes.shape[2])))
     assert sum(n for _, n in sizes) == 320 and [s for s, _ in sizes] == [sum(n for _, n in sizes[:i])
                                                                       for i in range(len(sizes))]
     assert max(n for _, n in sizes) <= 2 * 8 + 1
@@ -128,3 +128,19 @@ def test_streaming_needs_eval_mode_and_a_fitting_latent():
         streamed_decode(model.train(), torch.zeros(1, 8, 4, 4, 4))
     with pytest.raises(ValueError, match="does not fit"):
         streamed_decode(model.eval(), torch.zeros(1, 8, 4, 4))
+
+
+def test_streamed_encode_equals_encode():
+    from medgen_rt.sampling.decode import streamed_encode
+
+    model = _randomised(build_vqgan("ct-ds8", channels=(8, 8, 16), num_res_channels=(8, 8, 16)))
+    x = torch.randn(1, 1, 48, 40, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model.encode(x)
+    for axis, chunk in ((0, 8), (2, 5)):
+        assert (streamed_encode(model, x, axis=axis, chunk=chunk) - full).abs().max().item() < 1e-4
+    cine = _randomised(build_vqgan("cmr-tiny"))
+    x = torch.randn(1, 1, 32, 24, 3, 16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = cine.encode(x)
+    assert (streamed_encode(cine, x, chunk=4) - full).abs().max().item() < 1e-4

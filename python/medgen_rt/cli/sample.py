@@ -1,12 +1,18 @@
 """`medgen sample`: generate volumes as NIfTI + sidecar + previews, with their energy.
-With no arguments it samples the embedded cine model into ./samples."""
+With no arguments it samples the embedded cine model into ./samples.
+
+Under torchrun (`torchrun --nproc-per-node N -m medgen_rt.sample ...`) each rank
+makes every N-th volume (volume i keeps seed + i, so the set does not depend on
+N) and rank 0 writes one merged summary.json and the summary line."""
 from __future__ import annotations
 
+import os
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate volumes (default: the embedded cine model)")
+
+def add_arguments(p) -> None:
     p.add_argument("--model", default="default", help="'default', a run folder, or a folder with dit/ and vae/")
-    p.add_argument("--n", type=int, default=1, help="number of volumes")
+    # -n / --num-volumes for torchrun, which takes "--n" for an abbreviation of its own options
+    p.add_argument("-n", "--n", "--num-volumes", dest="n", type=int, default=1, help="number of volumes")
     p.add_argument("--seed", type=int, default=0, help="volume i uses seed + i")
     p.add_argument("--steps", type=int, help="denoising steps (default 50; all T for ddpm)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], help="default: ddim (euler for flow models)")
@@ -15,24 +21,48 @@ def add_parser(subparsers) -> None:
     p.add_argument("--masks", help="mask NIfTI or folder of them (TGCA / ControlNet models)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-vram", help="plan batch and decode chunks to fit this much GPU memory, e.g. 8GB")
     p.add_argument("--country", help="ISO 3166 alpha-3 code for CO2 (default MEDGEN_COUNTRY_ISO or DEU)")
     p.add_argument("--no-energy", action="store_true", help="do not meter energy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args) -> int:
-    from medgen_rt.sampling.api import sample
+def add_parser(subparsers) -> None:
+    add_arguments(subparsers.add_parser("sample", help="generate volumes (default: the embedded cine model)"))
 
+
+def run(args) -> int:
+    from medgen_rt.sampling.api import sample, summarize, write_summary
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = args.device
+    if world > 1:
+        from medgen_rt.train.distributed import init_distributed
+
+        device = str(init_distributed(args.device).device)
     results = sample(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                     guidance=args.guidance, masks=args.masks, device=args.device, out=args.out, eta=args.eta,
-                     energy=not args.no_energy, country=args.country, quiet=args.quiet)
-    energy = results[0]["metadata"]["energy"]
-    timings = [r["metadata"]["timings_s"] for r in results]
-    seconds = sum(t["denoise"] + t["decode"] for t in timings)
-    if energy["run_kwh"] is not None:
-        energy_text = (f"{energy['run_kwh'] * 1000:.3f} Wh, {energy['run_kg_co2e'] * 1000:.3f} g CO2e "
+                     guidance=args.guidance, masks=args.masks, device=device, out=args.out, eta=args.eta,
+                     max_vram=args.max_vram, energy=not args.no_energy, country=args.country,
+                     quiet=args.quiet or rank > 0, indices=range(rank, args.n, world))
+    metadata = [dict(r["metadata"], files=r["files"], rank=rank) for r in results]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, metadata)
+        dist.destroy_process_group()
+        metadata = [m for part in gathered for m in part]
+    if rank > 0:
+        return 0
+    summary = summarize(metadata)
+    write_summary(args.out, summary)
+    energy = summary["energy"]
+    if energy["kwh"] is not None:
+        energy_text = (f"{energy['kwh'] * 1000:.3f} Wh, {energy['kg_co2e'] * 1000:.3f} g CO2e "
                        f"({energy['country']}; {energy['per_volume']['kwh'] * 1000:.3f} Wh per volume)")
     else:
         energy_text = "energy not metered"
-    print(f"wrote {len(results)} volume(s) to {args.out} in {seconds:.1f} s: {energy_text}")
+    ranks = f" on {world} processes" if world > 1 else ""
+    print(f"wrote {summary['n']} volume(s) to {args.out}{ranks} in {summary['seconds']:.1f} s: {energy_text}")
     return 0

@@ -66,13 +66,50 @@ def _peak_memory(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
-def _model_fn(model, conditional: bool):
+def _model_fn(model, conditional: bool, dtype: torch.dtype = torch.float32):
+    """The denoiser as the samplers call it: float32 latents in and out, the network in `dtype`."""
     def fn(x, t, cond):
         t = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return model(x, t, cond) if conditional else model(x, t)
+        x = x.to(dtype)
+        out = model(x, t, cond.to(dtype)) if conditional else model(x, t)
+        return out.float()
     return fn
+
+
+def decode_latent(vae, latent: torch.Tensor, chunk: int, axis: Optional[int] = None, progress=None,
+                  log=None) -> torch.Tensor:
+    """Decode with the least memory that works: streamed (medgen_rt VQ-GANs) with `chunk`
+    latent planes per step; on CUDA out-of-memory the chunk is halved and the decode
+    retried, and below one plane the cross-section is tiled with a halo, halving the
+    tile until it fits. Returns (B, C, *output) float32 on the CPU."""
+    from medgen_rt.sampling.decode import decoder_geometry, streamable, streamed_decode, tiled_decode
+
+    def retry(what):
+        if log is not None:
+            log(f"decode: CUDA out of memory, retrying with {what}")
+        torch.cuda.empty_cache()
+
+    if streamable(vae):
+        while True:
+            try:
+                return streamed_decode(vae, latent, axis=axis, chunk=chunk, progress=progress)
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    break
+                chunk //= 2
+                retry(f"{chunk} latent plane(s) per step")
+    geometry = decoder_geometry(vae)
+    core = [min(s, 32) for s in latent.shape[2:]]
+    while True:
+        try:
+            return tiled_decode(vae.decode, latent, geometry, core=core, progress=progress)
+        except torch.cuda.OutOfMemoryError:
+            if max(core) <= 2:
+                raise
+            core = [max(1, c // 2) for c in core]
+            retry(f"tiles of {core} latent voxels")
 
 
 def _load_masks(masks, info: dict, n: int, image_shape: tuple) -> list:
@@ -101,20 +138,25 @@ def _load_masks(masks, info: dict, n: int, image_shape: tuple) -> list:
 def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[int] = None,
            sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
-           energy: bool = True, country: Optional[str] = None, quiet: bool = True) -> list:
+           energy: bool = True, country: Optional[str] = None, quiet: bool = True,
+           indices: Optional[list] = None) -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
-    volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Reproducible
-    for a seed on the same device (volume i uses seed + i).
+    volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
+    seed + i and is written as sample_{i:03d}; reproducible on the same device.
+    max_vram ("8GB", bytes): plan the denoiser batch and the decode chunk to fit it
+    (see medgen_rt.sampling.planner); the plan is in every sidecar. indices: which of
+    the n volumes this process makes (several GPUs: see medgen_rt.sample).
     """
     from medgen_rt.models import load_model
     from medgen_rt.runtime.device import pick_device
-    from medgen_rt.sampling.decode import decoder_geometry, tiled_decode
+    from medgen_rt.sampling.planner import plan_sampling
 
     if engine != "torch":
         raise ValueError(f"engine {engine!r}: only 'torch' exists yet (the ONNX engine comes with its issue)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    indices = list(range(n)) if indices is None else list(indices)
     denoiser_dir, vae_dir = resolve_model(model)
     dev = pick_device(device or "auto")
     # Check the cheap things (masks, output folder) from model.json before loading any weights.
@@ -151,67 +193,92 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
 
     net, _ = load_model(denoiser_dir)
     vae, _ = load_model(vae_dir)
-    net, vae = net.to(dev).eval(), vae.to(dev).eval()
+    net, vae = net.eval(), vae.eval()
+    guided = conditional and guidance is not None and guidance != 1.0
+    # the whole plan first (on CUDA it measures both networks once, then only the denoiser stays on the GPU)
+    plan = plan_sampling(net.to(dev), vae.to(dev), latent_shape, n=len(indices) or 1, guidance=guided,
+                         max_vram=max_vram, device=dev)
+    vae.to("cpu")
+    dtype = getattr(torch, plan.denoiser_dtype)
+    net.to(dtype)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    # stochastic samplers draw step noise from one generator: one volume at a time keeps a
+    # volume's result independent of the others in its batch
+    batch = 1 if (sampler == "ddpm" or eta > 0) else plan.batch
     meter = EnergyMeter(country=country, enabled=energy)
-    dec_geometry = decoder_geometry(vae)
-    core = tuple(min(s, 32) for s in latent_shape[1:])
     bar = None
     if not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=n * steps, desc="denoise", unit="step", dynamic_ncols=True)
-    results = []
-    fn = _model_fn(net, conditional)
-    for i in range(n):
+        bar = tqdm(total=len(indices) * steps, desc="denoise", unit="step", dynamic_ncols=True)
+    fn = _model_fn(net, conditional, dtype)
+    latents, meta = {}, {}
+    for first in range(0, len(indices), batch):
+        group = indices[first:first + batch]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        noise = torch.randn((1,) + latent_shape, generator=gen).to(dev)
+        # noise from each volume's own seed, so batching does not change a volume
+        noise = torch.cat([torch.randn((1,) + latent_shape, generator=torch.Generator().manual_seed(seed + i))
+                           for i in group]).to(dev)
+        gen = torch.Generator(device="cpu").manual_seed(seed + group[0])
         cond = null = None
         if conditional:
-            cond = mask_items[i][1][None].to(dev)
+            cond = torch.stack([mask_items[i][1] for i in group]).to(dev)
             null = torch.zeros_like(cond)
         t0 = time.perf_counter()
         with meter.phase("denoise"):
-            z = D.sample(fn, (1,) + latent_shape, schedule, sampler=sampler, steps=steps, eta=eta,
+            z = D.sample(fn, noise.shape, schedule, sampler=sampler, steps=steps, eta=eta,
                          guidance_scale=guidance if conditional else None, cond=cond, null_cond=null,
                          noise=noise, generator=gen, device=dev, prediction_type=diff.get("prediction"),
-                         progress=(lambda k, total: bar.update(1)) if bar is not None else None)
-        t1 = time.perf_counter()
-        memory = {"denoise": _peak_memory(dev)}
+                         progress=(lambda k, total: bar.update(len(group))) if bar is not None else None)
+        seconds = (time.perf_counter() - t0) / len(group)
+        peak = _peak_memory(dev)
+        for j, i in enumerate(group):
+            latents[i] = (z[j:j + 1] / scale).cpu()
+            meta[i] = {"timings_s": {"denoise": round(seconds, 3)}, "peak_memory_gb": {"denoise": peak}}
+    if bar is not None:
+        bar.close()
+    net.to("cpu")  # the decoder gets the GPU to itself
+    vae.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    results = []
+    for i in indices:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         tile_bar = None
         if not quiet:
             from tqdm import tqdm
 
-            tile_bar = tqdm(desc="decode", unit="tile", dynamic_ncols=True, leave=False)
+            tile_bar = tqdm(desc="decode", unit="plane", dynamic_ncols=True, leave=False)
+        t1 = time.perf_counter()
         with meter.phase("decode"):
-            image = tiled_decode(vae.decode, z / scale, dec_geometry, core=core,
-                                 progress=(lambda k, total: (setattr(tile_bar, "total", total), tile_bar.update(1)))
-                                 if tile_bar is not None else None)[0, 0].numpy()
+            image = decode_latent(vae, latents.pop(i).to(dev), plan.decode_chunk, axis=plan.decode_axis,
+                                  progress=(lambda k, total: (setattr(tile_bar, "total", total),
+                                                              tile_bar.update(k - tile_bar.n)))
+                                  if tile_bar is not None else None,
+                                  log=None if quiet else (lambda msg: print(msg, flush=True)))[0, 0].numpy()
         if tile_bar is not None:
             tile_bar.close()
-        t2 = time.perf_counter()
-        memory["decode"] = _peak_memory(dev)
+        meta[i]["timings_s"]["decode"] = round(time.perf_counter() - t1, 3)
+        meta[i]["peak_memory_gb"]["decode"] = _peak_memory(dev)
         if modality == "ct":
             from medgen_rt.data.preprocess import unit_to_ct
 
             volume = unit_to_ct(np.clip(image, -1.0, 1.0)).astype(np.float32)
         else:
             volume = ((np.clip(image, -1.0, 1.0) + 1.0) / 2.0).astype(np.float32)
-        meta = {"model": str(denoiser_dir), "vae": str(vae_dir), "kind": info["kind"],
-                "preset": model if model in ("default", DEFAULT_MODEL) else None, "seed": seed + i,
-                "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
-                "timings_s": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
-                "peak_memory_gb": memory,
-                "device": str(dev), "engine": engine}
+        entry = {"model": str(denoiser_dir), "vae": str(vae_dir), "kind": info["kind"],
+                 "preset": model if model in ("default", DEFAULT_MODEL) else None, "seed": seed + i, "index": i,
+                 "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
+                 **meta[i], "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
         if conditional:
-            meta["mask"] = str(mask_items[i][0])
-        results.append({"volume": volume, "affine": affine, "metadata": meta, "files": {},
+            entry["mask"] = str(mask_items[i][0])
+        results.append({"volume": volume, "affine": affine, "metadata": entry, "files": {},
                         "mask": mask_items[i][2] if conditional else None})
-    if bar is not None:
-        bar.close()
-    report = meter.report(per=n)
-    for i, r in enumerate(results):
+    report = meter.report(per=len(indices))
+    for r in results:
         r["metadata"]["energy"] = {"country": report["country"], "run_kwh": report["kwh"],
                                    "run_kg_co2e": report["kg_co2e"], "per_volume": report.get("per_item"),
                                    "phases": report["phases"], "tool": report["tool"]}
@@ -219,7 +286,43 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             from medgen_rt.io.outputs import write_generated
 
             frame = float(geometry.get("frame_duration") or 0) or None
-            r["files"] = write_generated(out, f"sample_{i:03d}", r["volume"], affine,
+            r["files"] = write_generated(out, f"sample_{r['metadata']['index']:03d}", r["volume"], affine,
                                          "ct" if modality == "ct" else "cmr", r["metadata"], mask=r["mask"],
                                          frame_duration=frame)
     return results
+
+
+def _device_name(dev) -> str:
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def summarize(metadata: list) -> dict:
+    """One summary of a sampling run from its volumes' sidecar metadata (from one or
+    several processes): volumes in index order, total time, and energy summed over
+    the processes (each metered its own)."""
+    metadata = sorted(metadata, key=lambda m: m["index"])
+    per_rank = {}
+    for m in metadata:
+        per_rank.setdefault(m.get("rank", 0), m["energy"])
+    metered = [e for e in per_rank.values() if e["run_kwh"] is not None]
+    kwh = sum(e["run_kwh"] for e in metered) if metered else None
+    kg = sum(e["run_kg_co2e"] for e in metered) if metered else None
+    n = len(metadata)
+    seconds = sum(m["timings_s"]["denoise"] + m["timings_s"]["decode"] for m in metadata)
+    return {"n": n, "processes": len(per_rank), "seconds": round(seconds, 3),
+            "energy": {"country": metadata[0]["energy"]["country"] if metadata else None, "kwh": kwh, "kg_co2e": kg,
+                       "per_volume": {"kwh": kwh / n if kwh is not None else None,
+                                      "kg_co2e": kg / n if kg is not None else None},
+                       "tool": "codecarbon OfflineEmissionsTracker"},
+            "volumes": [{"index": m["index"], "seed": m["seed"], "rank": m.get("rank", 0), "device": m["device"],
+                         "timings_s": m["timings_s"], "peak_memory_gb": m["peak_memory_gb"],
+                         "files": m.get("files", {})} for m in metadata],
+            "plan": metadata[0]["plan"] if metadata else None}
+
+
+def write_summary(out, summary: dict) -> Path:
+    from medgen_rt.io.sidecar import write_json_atomic
+
+    return write_json_atomic(Path(out) / "summary.json", summary)

@@ -241,15 +241,16 @@ class _Pointwise:
         return self.module(x)
 
 
-def _streamed_stages(decoder: nn.Module, dim: int, n_latent: int, chunk: int) -> list:
+def _streamed_stages(network: nn.Module, dim: int, n_first: int, chunk: int) -> list:
+    """Streaming stages for a medgen_rt VQ-GAN Encoder or Decoder (its `blocks`)."""
     from medgen_rt.models.vqgan import ConvBlock, ResidualUnit
 
     stages = []
-    n_in = n_latent
-    for block in decoder.blocks:
-        # a stage may emit about what one chunk of latent planes becomes at its resolution
+    n_in = n_first
+    for block in network.blocks:
+        # a stage may emit about what one chunk of input planes becomes at its resolution
         n_out = _StreamedConvBlock(block, dim, n_in, 1).n_out if isinstance(block, ConvBlock) else n_in
-        max_out = -(-chunk * n_out // n_latent) + 1
+        max_out = -(-chunk * n_out // n_first) + 1
         if isinstance(block, ConvBlock):
             stage = _StreamedConvBlock(block, dim, n_in, max_out)
         elif isinstance(block, ResidualUnit):
@@ -257,23 +258,23 @@ def _streamed_stages(decoder: nn.Module, dim: int, n_latent: int, chunk: int) ->
         elif isinstance(block, (nn.Tanh, nn.Sigmoid, nn.Identity)):
             stage = _Pointwise(block, dim, n_in)
         else:
-            raise NotImplementedError(f"streamed decoding does not know the layer {type(block).__name__}")
+            raise NotImplementedError(f"streaming does not know the layer {type(block).__name__}")
         stages.append(stage)
         n_in = stage.n_out
     return stages
 
 
-def stream_decoder(decoder: nn.Module, latent: torch.Tensor, dim: int, chunk: int,
+def stream_network(network: nn.Module, latent: torch.Tensor, dim: int, chunk: int,
                    emit: Callable[[int, torch.Tensor], None]) -> None:
-    """Run a medgen_rt VQ-GAN ``Decoder`` on `latent` (N, D, *L) chunk by chunk along
-    tensor dim `dim`, `chunk` latent planes at a time; emit(start, planes) receives the
-    output in order, planes [start, start + n) along `dim`. Eval mode, no dropout."""
-    if decoder.training:
-        raise ValueError("streamed decoding needs the decoder in eval mode (dropout would differ per chunk)")
+    """Run a medgen_rt VQ-GAN ``Decoder`` (or ``Encoder``) on `latent` (N, C, *S) chunk
+    by chunk along tensor dim `dim`, `chunk` input planes at a time; emit(start, planes)
+    receives the output in order, planes [start, start + n) along `dim`. Eval mode."""
+    if network.training:
+        raise ValueError("streaming needs the network in eval mode (dropout would differ per chunk)")
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 latent plane, got {chunk}")
+        raise ValueError(f"chunk must be >= 1 plane, got {chunk}")
     n = latent.shape[dim]
-    stages = _streamed_stages(decoder, dim, n, chunk)
+    stages = _streamed_stages(network, dim, n, chunk)
     total = stages[-1].n_out
     written = 0
 
@@ -295,7 +296,7 @@ def stream_decoder(decoder: nn.Module, latent: torch.Tensor, dim: int, chunk: in
         while not stages[-1].done:  # drain the pipeline's lag, a bounded step at a time
             feed(None, True)
     if written != total:
-        raise RuntimeError(f"streamed decoding emitted {written} of {total} planes")
+        raise RuntimeError(f"streaming emitted {written} of {total} planes")
 
 
 def streamable(model) -> bool:
@@ -370,5 +371,27 @@ def streamed_decode(model, latent: torch.Tensor, axis: Optional[int] = None, chu
             if progress is not None:
                 progress(done, total)
 
-        stream_decoder(model.decoder, group, dim, chunk, emit)
+        stream_network(model.decoder, group, dim, chunk, emit)
     return out
+
+
+def streamed_encode(model, x: torch.Tensor, axis: Optional[int] = None, chunk: int = 16) -> torch.Tensor:
+    """``model.encode(x)`` (before quantisation) for inputs too large to encode at once:
+    the encoder streamed along one axis of its input, `chunk` image planes per step.
+    x: (B, C, *S) for a VQGAN3D, (B, C, X, Y, Z, T) for a CineVQGAN (slices one at a time).
+    Returns z_e on x's device, float32."""
+    from medgen_rt.models.vqgan import CineVQGAN
+
+    dims = model.config.spatial_dims
+    if isinstance(model, CineVQGAN) and x.dim() == dims + 3:
+        slices = [streamed_encode(model, x[:, :, :, :, z], axis, chunk) for z in range(x.shape[4])]
+        return torch.stack(slices, dim=2)  # (B, D, Z, X', Y', T')
+    if x.dim() != dims + 2 or x.shape[1] != model.config.in_channels:
+        raise ValueError(f"streamed_encode: input of shape {tuple(x.shape)} does not fit the encoder "
+                         f"({model.config.in_channels} channels, {dims} spatial axes)")
+    spatial = tuple(x.shape[2:])
+    if axis is None:
+        axis = max(range(dims), key=lambda a: spatial[a])
+    parts = []
+    stream_network(model.encoder, x.float(), 2 + axis, chunk, lambda start, planes: parts.append(planes))
+    return torch.cat(parts, dim=2 + axis)

@@ -14,6 +14,10 @@ from medgen_rt.diffusion import latent_scale_factor
 from medgen_rt.train.latents import write_latent_set
 from medgen_rt.train.vae import open_image_set
 
+# volumes above this many voxels are encoded streamed (slab by slab), not at once:
+# a 512x512x256 CT through the ct-ds8 encoder would otherwise need ~17 GB
+STREAM_ENCODE_VOXELS = 2 ** 24
+
 
 def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quiet: bool = False,
                    overwrite: bool = False) -> dict:
@@ -43,7 +47,13 @@ def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quie
         for i in range(len(dataset)):
             item = dataset[i]
             image = torch.from_numpy(np.ascontiguousarray(item["image"], dtype=np.float32))
-            z = model.encode_to_latent(image[None, None].to(dev))[0].cpu()
+            x = image[None, None].to(dev)
+            if image.numel() > STREAM_ENCODE_VOXELS:
+                from medgen_rt.sampling.decode import streamed_encode
+
+                z = model.quantizer.lookup(streamed_encode(model, x))[1][0].cpu()
+            else:
+                z = model.encode_to_latent(x)[0].cpu()
             latents.append(z)
             names.append(item["name"])
             mask = item.get("mask")

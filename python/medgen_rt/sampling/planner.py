@@ -1,0 +1,361 @@
+"""Memory planner: before sampling, choose the denoiser's precision and batch and
+the decoder's streaming axis and chunk so that each phase fits `max_vram`.
+
+Each phase's peak is modelled as ``fixed + per_unit * units`` (a MemoryCost):
+
+- denoise: fixed = weights (+ tables); unit = one token (DiT, TGCA) or one latent
+  voxel (U-Net, ControlNet) of one batch element; the classifier-free guidance
+  pass doubles the batch.
+- decode (streamed, see medgen_rt.sampling.decode): fixed = decoder weights and
+  the latent; unit = one latent plane of a chunk times the latent cross-section
+  (the voxels of the other two axes).
+
+The per-unit costs are first computed from the layer shapes (analytic, no
+device needed, so a plan for a GPU can be made on a laptop). On a CUDA device
+they are then measured once per model, device and dtype (two probe runs, peak
+allocated memory, a straight-line fit) and cached in
+``$MEDGEN_CACHE`` (default ~/.cache/medgen_rt)/memory_costs.json; the measured
+values replace the analytic ones. Sizes are binary: "8GB" = 8 GiB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+GIB = 2 ** 30
+# streamed decoding's transient buffers (window copies, padding, convolution workspaces, the steps
+# that drain two planes, allocator slack) on top of the layer sizes: on the CPU the 512x512x256
+# ct-ds8 decode at one plane per step peaked 1.9 GB above its weights and output, 4.1x the layer
+# sizes (bench/results/decode-ct-ds8-512x512x256-cpu-2026-11-25.json). A GPU measures its own.
+_DECODE_SLACK = 4.0
+_UNITS = {"": 1, "B": 1, "K": 2 ** 10, "KB": 2 ** 10, "KIB": 2 ** 10, "M": 2 ** 20, "MB": 2 ** 20, "MIB": 2 ** 20,
+          "G": GIB, "GB": GIB, "GIB": GIB, "T": 2 ** 40, "TB": 2 ** 40, "TIB": 2 ** 40}
+
+
+def parse_memory(value, name: str = "max_vram") -> Optional[int]:
+    """'24GB', '24 GiB', '512MB', 8e9 or an int (bytes) -> bytes; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{name} {value!r}: expected a size such as '8GB', '24GiB' or '512MB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass
+class MemoryCost:
+    """Peak bytes of a phase = fixed + per_unit * units."""
+
+    fixed: float
+    per_unit: float
+    unit: str
+    source: str  # "analytic" or "measured on <device>"
+
+    def bytes(self, units: float) -> float:
+        return self.fixed + self.per_unit * units
+
+
+@dataclass
+class SamplingPlan:
+    device: str
+    max_vram_bytes: Optional[int]
+    denoiser_dtype: str
+    batch: int  # volumes denoised together
+    decode_axis: int  # streamed axis of the decoder's input
+    decode_chunk: int  # latent planes per streaming step
+    predicted_peak_bytes: dict = field(default_factory=dict)  # phase -> bytes
+    costs: dict = field(default_factory=dict)  # phase -> MemoryCost as dict
+
+    @property
+    def predicted_peak_gb(self) -> dict:
+        return {k: round(v / GIB, 3) for k, v in self.predicted_peak_bytes.items()}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["predicted_peak_gb"] = self.predicted_peak_gb
+        return d
+
+
+# ---- analytic costs ---------------------------------------------------------------------------
+
+def _param_bytes(module: nn.Module, element_size: int) -> int:
+    return sum(p.numel() for p in module.parameters()) * element_size
+
+
+def _dit_of(net: nn.Module):
+    """The DiT inside a denoiser (itself, or the base of a TGCA model), else None."""
+    from medgen_rt.models.dit import DiT
+
+    if isinstance(net, DiT):
+        return net
+    base = getattr(net, "base", None)
+    return base if isinstance(base, DiT) else None
+
+
+def denoiser_units(net: nn.Module, latent_shape: Sequence[int]) -> int:
+    """Units of the denoise cost for one volume: tokens for a DiT, latent voxels otherwise.
+    latent_shape: (C, *spatial)."""
+    dit = _dit_of(net)
+    spatial = tuple(latent_shape[1:])
+    if dit is not None:
+        return math.prod(dit.grid(spatial))
+    return math.prod(spatial)
+
+
+def analytic_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: torch.dtype) -> MemoryCost:
+    """Inference without gradients holds one block's activations at a time. A DiT block
+    holds per token: the residual stream and its modulated copy (2h), qkv (3h), the
+    attention output and projection (2h) and the MLP hidden before and after GELU
+    (2 * mlp_ratio * h); attention itself is flash/memory-efficient (O(N)). TGCA adds
+    its adapter's tokens. Other denoisers (the MONAI U-Net) are bounded from above by
+    a probe: the sum of every layer's output at a small size, per latent voxel."""
+    e = torch.finfo(dtype).bits // 8
+    weights = _param_bytes(net, e)
+    dit = _dit_of(net)
+    if dit is not None:
+        cfg = dit.config
+        h = cfg.hidden_size
+        per_token = (2 + 3 + 2 + 2 * cfg.mlp_ratio) * h * e
+        per_token += 2 * h * 4  # the float32 positional table and the embedded tokens
+        if dit is not net:  # TGCA: the mask encoder's tokens and one control per injected layer
+            per_token += 2 * h * e
+        return MemoryCost(fixed=weights, per_unit=per_token, unit="token", source="analytic")
+    # a mask-conditioned U-Net (ControlledUNet) is probed through its base U-Net; the
+    # ControlNet, a copy of the encoder half, at most doubles the activations
+    probe_net, scale = (net.base, 2.0) if isinstance(getattr(net, "base", None), nn.Module) else (net, 1.0)
+    f = getattr(probe_net, "downsample_factor", 1)
+    probe_spatial = tuple(-(-max(8, s // 4) // f) * f for s in latent_shape[1:])
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        if torch.is_tensor(output):
+            total += output.numel()
+
+    handles = [m.register_forward_hook(count) for m in probe_net.modules() if not list(m.children())]
+    try:
+        device = next(probe_net.parameters()).device
+        x = torch.zeros((1, latent_shape[0]) + probe_spatial, device=device)
+        with torch.no_grad():
+            probe_net(x, torch.zeros(1, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return MemoryCost(fixed=weights, per_unit=scale * total * e / math.prod(probe_spatial), unit="latent voxel",
+                      source="analytic (upper bound: every layer output kept)")
+
+
+def analytic_decode_cost(vae: nn.Module, latent_spatial: Sequence[int], axis: int,
+                         dtype: torch.dtype = torch.float32) -> MemoryCost:
+    """Streamed decoding per step: for the largest layer, its input window and output
+    for one latent plane of chunk (planes scale with the layer's upsampling), plus
+    the planes every layer keeps for its neighbours; times a slack for transient
+    copies. latent_spatial: the decoder input's spatial shape (a cine slice for cine)."""
+    from medgen_rt.models.vqgan import _conv_layers
+
+    e = torch.finfo(dtype).bits // 8
+    n = len(latent_spatial)
+    cross = math.prod(s for a, s in enumerate(latent_spatial) if a != axis)
+    factor = [1.0] * n  # the resolution of the current layer's input, relative to the latent
+    step_peak = kept = 0.0
+    for conv in _conv_layers(vae.decoder):
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        out_factor = [f * conv.stride[a] if transposed else f / conv.stride[a] for a, f in enumerate(factor)]
+        cs_in = math.prod(f for a, f in enumerate(factor) if a != axis)
+        cs_out = math.prod(f for a, f in enumerate(out_factor) if a != axis)
+        halo = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
+        window = (factor[axis] + halo) * cs_in * conv.in_channels
+        out = out_factor[axis] * cs_out * conv.out_channels
+        step_peak = max(step_peak, window + out)
+        kept += halo * cs_in * conv.in_channels
+        factor = out_factor
+    per_plane = (step_peak + kept) * cross * e * _DECODE_SLACK
+    fixed = _param_bytes(vae.decoder, e) + _param_bytes(vae.quantizer, 4)
+    # the chunk's cross-section at full resolution, once more for the copy to the output buffer
+    fixed_per_plane = math.prod(factor) * cross * 4
+    return MemoryCost(fixed=fixed, per_unit=per_plane + fixed_per_plane, unit="latent plane of chunk",
+                      source="analytic")
+
+
+# ---- measured costs (CUDA) ------------------------------------------------------------------------
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("MEDGEN_CACHE") or Path.home() / ".cache" / "medgen_rt")
+    return root / "memory_costs.json"
+
+
+def _model_key(module: nn.Module, device: torch.device, dtype: torch.dtype, extra: str) -> str:
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in module.state_dict().items())
+    digest = hashlib.sha256(f"{type(module).__name__}|{shapes}|{extra}".encode()).hexdigest()[:16]
+    return f"{torch.cuda.get_device_name(device)}|{dtype}|{digest}"
+
+
+def _cached(key: str) -> Optional[MemoryCost]:
+    try:
+        entry = json.loads(_cache_file().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return MemoryCost(**entry) if entry else None
+
+
+def _store(key: str, cost: MemoryCost) -> None:
+    path = _cache_file()
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = asdict(cost)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: measure again next time
+
+
+def _peak_of(fn, device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def measure_decode_cost(vae: nn.Module, latent_spatial: Sequence[int], axis: int) -> MemoryCost:
+    """Peak CUDA memory of streamed decoding (chunk 1 and 2 on a probe of the real
+    cross-section, capped at 32 latent voxels per axis), fitted as fixed + per_plane."""
+    from medgen_rt.sampling.decode import streamed_decode
+
+    device = next(vae.parameters()).device
+    probe = [min(s, 32) for s in latent_spatial]
+    probe[axis] = 8
+    units = math.prod(s for a, s in enumerate(probe) if a != axis)
+    key = _model_key(vae.decoder, device, torch.float32, f"decode|axis{axis}|{probe}")
+    cached = _cached(key)
+    if cached:
+        return cached
+    z = torch.zeros((1, vae.config.embedding_dim, *probe), device=device)
+    # the output buffer is pinned CPU memory, as in sampling: not part of the GPU peak
+    peaks = [_peak_of(lambda c=c: streamed_decode(vae, z, axis=axis, chunk=c), device) for c in (1, 2)]
+    per_plane = max(peaks[1] - peaks[0], 1)
+    # weights were allocated before the probe: add them; the rest of chunk 1's peak is per-step workspace
+    fixed = _param_bytes(vae.decoder, 4) + max(peaks[0] - per_plane, 0)
+    cross = math.prod(s for a, s in enumerate(latent_spatial) if a != axis)
+    cost = MemoryCost(fixed=fixed, per_unit=per_plane / units * cross, unit="latent plane of chunk",
+                      source=f"measured on {torch.cuda.get_device_name(device)}")
+    _store(key, cost)
+    return cost
+
+
+def measure_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: torch.dtype,
+                         call) -> MemoryCost:
+    """Peak CUDA memory of one denoiser call at two probe sizes, fitted per unit.
+    call(x) runs the denoiser on a batch-1 latent x."""
+    device = next(net.parameters()).device
+    key = _model_key(net, device, dtype, f"denoise|{tuple(latent_shape)}")
+    cached = _cached(key)
+    if cached:
+        return cached
+    step = [max(1, s // 4) for s in latent_shape[1:]]
+    shapes = [tuple(step), tuple(min(2 * s, full) for s, full in zip(step, latent_shape[1:]))]
+    peaks, units = [], []
+    for spatial in shapes:
+        x = torch.zeros((1, latent_shape[0]) + spatial, device=device)
+        with torch.no_grad():
+            peaks.append(_peak_of(lambda: call(x), device))
+        units.append(denoiser_units(net, (latent_shape[0],) + spatial))
+    per_unit = max(peaks[1] - peaks[0], 1) / max(units[1] - units[0], 1)
+    cost = MemoryCost(fixed=_param_bytes(net, torch.finfo(dtype).bits // 8), per_unit=per_unit,
+                      unit="token" if _dit_of(net) is not None else "latent voxel",
+                      source=f"measured on {torch.cuda.get_device_name(device)}")
+    _store(key, cost)
+    return cost
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * GIB
+
+
+def decoder_input_spatial(vae: nn.Module, latent_shape: Sequence[int]) -> tuple:
+    """The spatial shape the 3D decoder network sees: the latent's, or one cine slice's."""
+    from medgen_rt.models.vqgan import CineVQGAN
+
+    spatial = tuple(latent_shape[1:])
+    if isinstance(vae, CineVQGAN) and len(spatial) == vae.config.spatial_dims + 1:
+        return spatial[1:]
+    return spatial
+
+
+def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n: int = 1,
+                  guidance: bool = False, max_vram=None, device="cpu", measure: bool = True,
+                  denoiser_dtype: Optional[torch.dtype] = None) -> SamplingPlan:
+    """Plan a sampling run. latent_shape: (C, *spatial) of one volume; n volumes;
+    guidance: a classifier-free guidance pass doubles the denoiser batch. The DiT
+    runs in bf16 on CUDA (float32 elsewhere). The largest batch (up to 8) and decode
+    chunk that fit max_vram are chosen (without it, the chunk fits a quarter of the
+    RAM on the CPU, 90% of the GPU's memory on CUDA); a plan that cannot fit
+    max_vram raises ValueError.
+    """
+    device = torch.device(device)
+    limit = parse_memory(max_vram)
+    dtype = denoiser_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    units = denoiser_units(net, latent_shape)
+    measured_ok = measure and device.type == "cuda" and next(net.parameters()).device.type == "cuda"
+    if measured_ok:
+        from medgen_rt.sampling.api import _model_fn
+
+        fn = _model_fn(net, False)
+        denoise_cost = measure_denoise_cost(net, latent_shape, dtype, lambda x: fn(x.to(dtype), 0, None))
+    else:
+        denoise_cost = analytic_denoise_cost(net, latent_shape, dtype)
+    passes = 2 if guidance else 1
+    latent_bytes = math.prod(latent_shape) * 4 * 3  # x, the model output and the update, float32
+
+    def denoise_peak(batch):
+        return denoise_cost.bytes(units * batch * passes) + latent_bytes * batch
+
+    batch = max(1, min(n, 8))
+    if limit is not None:
+        while batch > 1 and denoise_peak(batch) > limit:
+            batch -= 1
+    dec_spatial = decoder_input_spatial(vae, latent_shape)
+    axis = max(range(len(dec_spatial)), key=lambda a: dec_spatial[a])
+    if measure and device.type == "cuda" and next(vae.parameters()).device.type == "cuda":
+        decode_cost = measure_decode_cost(vae, dec_spatial, axis)
+    else:
+        decode_cost = analytic_decode_cost(vae, dec_spatial, axis)
+    latent_in = math.prod(latent_shape) * 4
+    # without max_vram: a quarter of the CPU's RAM, or 90% of the GPU's memory
+    budget = limit if limit is not None else _default_budget(device)
+    chunk = dec_spatial[axis]  # the whole axis in one step when it fits: no per-step overhead
+    while chunk > 1 and decode_cost.bytes(chunk) + latent_in > budget:
+        chunk = (chunk + 1) // 2
+    peaks = {"denoise": denoise_peak(batch), "decode": decode_cost.bytes(chunk) + latent_in}
+    plan = SamplingPlan(device=str(device), max_vram_bytes=limit, denoiser_dtype=str(dtype).replace("torch.", ""),
+                        batch=batch, decode_axis=axis, decode_chunk=chunk, predicted_peak_bytes=peaks,
+                        costs={"denoise": asdict(denoise_cost), "decode": asdict(decode_cost)})
+    if limit is not None:
+        over = {k: round(v / GIB, 2) for k, v in peaks.items() if v > limit}
+        if over:
+            raise ValueError(f"max_vram {limit / GIB:.2f} GiB is too small: predicted peak {over} GiB "
+                             "even with batch 1 and one latent plane per decode step")
+    return plan
