@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--masks", help="mask NIfTI or folder of them (TGCA / ControlNet models)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run a `medgen export onnx` folder with onnxruntime, without PyTorch")
     p.add_argument("--max-vram", help="plan batch and decode chunks to fit this much GPU memory, e.g. 8GB")
     p.add_argument("--country", help="ISO 3166 alpha-3 code for CO2 (default MEDGEN_COUNTRY_ISO or DEU)")
     p.add_argument("--no-energy", action="store_true", help="do not meter energy")
@@ -32,7 +34,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from medgen_rt.sampling.api import sample, summarize, write_summary
+    if args.engine == "onnx":
+        return _run_onnx(args)
+    from medgen_rt.sampling.api import sample
+    from medgen_rt.sampling.summary import summarize, write_summary
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -57,6 +62,28 @@ def run(args) -> int:
         return 0
     summary = summarize(metadata)
     write_summary(args.out, summary)
+    _print_summary(args, summary, world)
+    return 0
+
+
+def _run_onnx(args) -> int:
+    """The torch-free path: imports nothing that needs PyTorch."""
+    from medgen_rt.export.engine import OnnxEngine
+    from medgen_rt.sampling.summary import summarize, write_summary
+
+    if args.max_vram:
+        raise ValueError("--max-vram plans the torch runtime; the onnx engine decodes with fixed tiles")
+    engine = OnnxEngine(args.model, device=args.device)
+    results = engine.sample(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                            guidance=args.guidance, masks=args.masks, out=args.out, eta=args.eta,
+                            energy=not args.no_energy, country=args.country, quiet=args.quiet)
+    summary = summarize([dict(r["metadata"], files=r["files"]) for r in results])
+    write_summary(args.out, summary)
+    _print_summary(args, summary, 1)
+    return 0
+
+
+def _print_summary(args, summary: dict, world: int) -> None:
     energy = summary["energy"]
     if energy["kwh"] is not None:
         energy_text = (f"{energy['kwh'] * 1000:.3f} Wh, {energy['kg_co2e'] * 1000:.3f} g CO2e "
@@ -65,4 +92,3 @@ def run(args) -> int:
         energy_text = "energy not metered"
     ranks = f" on {world} processes" if world > 1 else ""
     print(f"wrote {summary['n']} volume(s) to {args.out}{ranks} in {summary['seconds']:.1f} s: {energy_text}")
-    return 0

@@ -147,13 +147,24 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     max_vram ("8GB", bytes): plan the denoiser batch and the decode chunk to fit it
     (see medgen_rt.sampling.planner); the plan is in every sidecar. indices: which of
     the n volumes this process makes (several GPUs: see medgen_rt.sample).
+    engine="onnx": `model` is a `medgen export onnx` folder, run by onnxruntime
+    without PyTorch (medgen_rt.export.engine); its initial noise comes from numpy,
+    so a seed gives other volumes than the torch runtime's.
     """
     from medgen_rt.models import load_model
     from medgen_rt.runtime.device import pick_device
     from medgen_rt.sampling.planner import plan_sampling
 
+    if engine == "onnx":
+        from medgen_rt.export.engine import OnnxEngine
+
+        if max_vram is not None or indices is not None:
+            raise ValueError("engine 'onnx': max_vram and indices belong to the torch runtime")
+        return OnnxEngine(model, device=device or "auto").sample(
+            n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, masks=masks, out=out, eta=eta,
+            energy=energy, country=country, quiet=quiet)
     if engine != "torch":
-        raise ValueError(f"engine {engine!r}: only 'torch' exists yet (the ONNX engine comes with its issue)")
+        raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     indices = list(range(n)) if indices is None else list(indices)
@@ -297,32 +308,3 @@ def _device_name(dev) -> str:
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
     return str(dev)
 
-
-def summarize(metadata: list) -> dict:
-    """One summary of a sampling run from its volumes' sidecar metadata (from one or
-    several processes): volumes in index order, total time, and energy summed over
-    the processes (each metered its own)."""
-    metadata = sorted(metadata, key=lambda m: m["index"])
-    per_rank = {}
-    for m in metadata:
-        per_rank.setdefault(m.get("rank", 0), m["energy"])
-    metered = [e for e in per_rank.values() if e["run_kwh"] is not None]
-    kwh = sum(e["run_kwh"] for e in metered) if metered else None
-    kg = sum(e["run_kg_co2e"] for e in metered) if metered else None
-    n = len(metadata)
-    seconds = sum(m["timings_s"]["denoise"] + m["timings_s"]["decode"] for m in metadata)
-    return {"n": n, "processes": len(per_rank), "seconds": round(seconds, 3),
-            "energy": {"country": metadata[0]["energy"]["country"] if metadata else None, "kwh": kwh, "kg_co2e": kg,
-                       "per_volume": {"kwh": kwh / n if kwh is not None else None,
-                                      "kg_co2e": kg / n if kg is not None else None},
-                       "tool": "codecarbon OfflineEmissionsTracker"},
-            "volumes": [{"index": m["index"], "seed": m["seed"], "rank": m.get("rank", 0), "device": m["device"],
-                         "timings_s": m["timings_s"], "peak_memory_gb": m["peak_memory_gb"],
-                         "files": m.get("files", {})} for m in metadata],
-            "plan": metadata[0]["plan"] if metadata else None}
-
-
-def write_summary(out, summary: dict) -> Path:
-    from medgen_rt.io.sidecar import write_json_atomic
-
-    return write_json_atomic(Path(out) / "summary.json", summary)

@@ -4,7 +4,6 @@ Every input is checked before the first step: a bad preset, latents that do not
 fit the model, an empty data folder or masks that do not match fail at once."""
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -17,28 +16,7 @@ from medgen_rt.train.distributed import broadcast_modules, init_distributed, shu
 from medgen_rt.train.loop import Trainer, TrainSettings
 
 log = logging.getLogger("medgen_rt.train")
-KINDS = ("vae", "dit", "control", "unet")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=KINDS, help="what to train: vae (VQ-GAN), dit, control (TGCA/ControlNet), unet")
-    p.add_argument("--config", required=True, help="preset name (see medgen_rt/configs) or YAML path")
-    p.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
-    p.add_argument("--data", help="vae: image data folder (ACDC layout for cine, images/ [+ masks/] for CT)")
-    p.add_argument("--val-data", help="vae: held-out image folder (default: last 10%% of --data)")
-    p.add_argument("--latents", help="dit/unet/control: latents folder from `medgen encode`")
-    p.add_argument("--val-latents", help="held-out latents (default: last 10%% of --latents)")
-    p.add_argument("--base", help="control: the trained dit or unet run to condition")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--batch-size", type=int, help="override train.batch_size (global)")
-    p.add_argument("--lr", type=float, help="override train.lr")
-    p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--country", help="ISO 3166 alpha-3 code for the CO2 estimate (default MEDGEN_COUNTRY_ISO or DEU)")
-    p.add_argument("--no-energy", action="store_true", help="do not meter energy")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+from medgen_rt.cli.train import STAGES as KINDS  # noqa: E402 - the CLI owns the arguments
 
 
 def _settings(section: dict, args, where: str) -> TrainSettings:

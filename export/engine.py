@@ -1,0 +1,343 @@
+"""The torch-free sampling engine: numpy + onnxruntime on a `medgen export onnx`
+folder. It runs the same sampling loop as the torch runtime (DDIM, DDPM, Euler
+flow, classifier-free guidance), decodes with the same tile planner
+(medgen_rt.runtime.tiling) and unit-weight blending, and writes the same NIfTI,
+sidecar, previews and energy figures (medgen_rt.io, medgen_rt.runtime.energy).
+
+Nothing here imports torch: it runs where PyTorch is not installed.
+
+    from medgen_rt.export.engine import OnnxEngine
+    volumes = OnnxEngine("exported/").sample(n=2, seed=0, out="samples")
+
+Providers: CUDA when onnxruntime-gpu sees a GPU (inputs and outputs then stay
+on the device through IO binding), else the CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
+from medgen_rt.runtime.energy import EnergyMeter
+from medgen_rt.runtime.tiling import plan_tiles
+
+MANIFEST = "medgen_export.json"
+
+
+class ExportError(ValueError):
+    """The folder is not a usable export (bad input: the CLI exits 2)."""
+
+
+def read_manifest(folder) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{folder}: not a medgen_rt ONNX export (no {MANIFEST}); "
+                          "make one with `medgen export onnx --model RUN --out DIR`")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ExportError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ExportError(f"{folder}: exported by medgen_rt {manifest.get('medgen_rt_version')} in format "
+                          f"version {version}; this medgen_rt reads up to version {FORMAT_VERSION}: upgrade it")
+    for name in manifest.get("files", {}).values():
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder}: {name} is missing from the export")
+    return manifest
+
+
+def _providers(device: str) -> list:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ValueError("device cuda: onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+    return ["CPUExecutionProvider"]
+
+
+class _Session:
+    """One ONNX model; with the CUDA provider, runs through IO binding so the
+    outputs stay on the GPU until asked for."""
+
+    def __init__(self, path: Path, providers: list):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.output = self.session.get_outputs()[0].name
+        self.cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self.inputs, arrays))
+        if not self.cuda:
+            return self.session.run([self.output], feeds)[0]
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(self.output, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+# ---- the samplers, in numpy (the same formulas as medgen_rt.diffusion) --------------------------
+
+def ddim_timesteps(steps: int, T: int) -> list:
+    """Leading spacing: k * (T // n) for k = n-1 .. 0 (medgen_rt.diffusion.timesteps_for)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    return [k * (T // steps) for k in range(steps - 1, -1, -1)]
+
+
+def _x0_eps(out, x, a_t: np.ndarray, prediction: str):
+    sa, s1a = np.sqrt(a_t), np.sqrt(1.0 - a_t)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    sa, s1a = sa.reshape(shape).astype(x.dtype), s1a.reshape(shape).astype(x.dtype)
+    if prediction == "epsilon":
+        return (x - s1a * out) / sa, out
+    if prediction == "v_prediction":
+        return sa * x - s1a * out, sa * out + s1a * x
+    return out, (x - sa * out) / s1a
+
+
+def sample_loop(model: Callable, noise: np.ndarray, manifest: dict, sampler: str, steps: int, eta: float = 0.0,
+                guidance: Optional[float] = None, cond: Optional[np.ndarray] = None,
+                rng: Optional[np.random.Generator] = None, progress=None) -> np.ndarray:
+    """model(x, t, cond) -> output; the whole reverse process on float32 numpy arrays."""
+    diff = manifest["diffusion"]
+    x = noise.astype(np.float32).copy()
+    B = x.shape[0]
+    rng = rng or np.random.default_rng(0)
+
+    def evaluate(t_model):
+        if guidance is None or cond is None:
+            return model(x, t_model, cond)
+        both = model(np.concatenate([x, x]), np.concatenate([t_model, t_model]),
+                     np.concatenate([cond, np.zeros_like(cond)]))
+        c, u = both[:B], both[B:]
+        return u + np.float32(guidance) * (c - u)
+
+    def cast(c):
+        return np.full((B,) + (1,) * (x.ndim - 1), c).astype(np.float32)
+
+    if sampler == "euler":
+        scale = float(manifest.get("flow_timestep_scale", 1000.0))
+        grid = [k / steps for k in range(steps, 0, -1)] + [0.0]
+        for i in range(steps):
+            v = evaluate(np.full(B, grid[i] * scale, dtype=np.float32))
+            x = x + cast(grid[i + 1] - grid[i]) * v
+            if progress:
+                progress(i + 1, steps)
+        return x
+    schedule = manifest["schedule"]
+    if schedule is None:
+        raise ValueError(f"sampler {sampler!r} needs a DDPM-family model; this export is a flow model (use euler)")
+    a_bar = np.asarray(schedule["alphas_cumprod"], dtype=np.float64)
+    betas = np.asarray(schedule["betas"], dtype=np.float64)
+    T = len(a_bar)
+    prediction = diff.get("prediction") or "v_prediction"
+    ts = list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(steps, T)
+    for i, t in enumerate(ts):
+        out = evaluate(np.full(B, float(t), dtype=np.float32))
+        x0, eps = _x0_eps(out, x, np.full(B, a_bar[t]), prediction)
+        t_prev = t - 1 if sampler == "ddpm" else (ts[i + 1] if i + 1 < len(ts) else -1)
+        a_t, a_prev = a_bar[t], (a_bar[t_prev] if t_prev >= 0 else 1.0)
+        if sampler == "ddpm":
+            c0 = math.sqrt(a_prev) * betas[t] / (1.0 - a_t)
+            ct = math.sqrt(1.0 - betas[t]) * (1.0 - a_prev) / (1.0 - a_t)
+            x = cast(c0) * x0 + cast(ct) * x
+            if t > 0:
+                std = math.sqrt(max((1.0 - a_prev) / (1.0 - a_t) * betas[t], 1e-20))
+                x = x + cast(std) * rng.standard_normal(x.shape, dtype=np.float32)
+        else:
+            sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t)) * math.sqrt(max(1.0 - a_t / a_prev, 0.0))
+            x = cast(math.sqrt(a_prev)) * x0 + cast(math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0))) * eps
+            if eta > 0:
+                x = x + cast(sigma) * rng.standard_normal(x.shape, dtype=np.float32)
+        if progress:
+            progress(i + 1, len(ts))
+    return x
+
+
+# ---- decoding -------------------------------------------------------------------------------
+
+def tiled_decode_numpy(decode: Callable, latent: np.ndarray, manifest: dict, core: Sequence[int],
+                       progress=None) -> np.ndarray:
+    """Decode (B, D, *L) tile by tile with the decoder's halo, exactly like
+    medgen_rt.sampling.decode.tiled_decode; cine latents (B, D, Z, X', Y', T')
+    decode slice-batched with tiles over (X', Y', T')."""
+    geo = manifest["decoder"]
+    if geo["cine"] and latent.ndim == 6:
+        B, D, Z = latent.shape[:3]
+        slices = latent.transpose(0, 2, 1, 3, 4, 5).reshape(B * Z, D, *latent.shape[3:])
+        image = tiled_decode_numpy(decode, slices, {"decoder": {**geo, "cine": False,
+                                                                "factor": geo["factor"][1:], "halo": geo["halo"][1:],
+                                                                "output_axis": [0, 1, 2]}},
+                                   core[-3:], progress)
+        C, X, Y, T = image.shape[1:]
+        return image.reshape(B, Z, C, X, Y, T).transpose(0, 2, 3, 4, 1, 5)
+    spatial = latent.shape[2:]
+    tiles = plan_tiles(spatial, core, geo["halo"], geo["factor"])
+    out = np.zeros((latent.shape[0], geo["out_channels"]) + tuple(n * f for n, f in zip(spatial, geo["factor"])),
+                   dtype=np.float32)
+    for done, tile in enumerate(tiles, 1):
+        decoded = decode(np.ascontiguousarray(latent[(slice(None), slice(None)) + tile.latent_slices()]))
+        out[(slice(None), slice(None)) + tile.output_slices()] += \
+            decoded[(slice(None), slice(None)) + tile.crop_slices()]
+        if progress:
+            progress(done, len(tiles))
+    return out
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+
+
+class OnnxEngine:
+    def __init__(self, folder, device: str = "auto", precision: str = "fp32"):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        suffix = "" if precision == "fp32" else "_fp16"
+        files = self.manifest["files"]
+        for part in ("denoiser", "decoder"):
+            if f"{part}{suffix}" not in files:
+                raise ExportError(f"{self.folder}: no {precision} {part} in this export")
+        self.providers = _providers(device)
+        self.dtype = np.float32 if precision == "fp32" else np.float16
+        self.denoiser = _Session(self.folder / files[f"denoiser{suffix}"], self.providers)
+        self.decoder = _Session(self.folder / files[f"decoder{suffix}"], self.providers)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.denoiser.cuda else "cpu"
+
+    def denoise(self, x, t, cond=None) -> np.ndarray:
+        args = (x.astype(self.dtype), t.astype(self.dtype))
+        if self.manifest["conditional"]:
+            if cond is None:
+                raise ValueError("this export is mask-conditioned: pass masks")
+            args += (cond.astype(self.dtype),)
+        return self.denoiser(*args).astype(np.float32)
+
+    def decode(self, z) -> np.ndarray:
+        return self.decoder(z.astype(self.dtype)).astype(np.float32)
+
+    def sample(self, n: int = 1, seed: int = 0, steps: Optional[int] = None, sampler: Optional[str] = None,
+               guidance: Optional[float] = None, masks=None, out=None, eta: float = 0.0, energy: bool = True,
+               country: Optional[str] = None, quiet: bool = True, noise: Optional[np.ndarray] = None,
+               core: Optional[Sequence[int]] = None) -> list:
+        """Like medgen_rt.sample; noise (n, *latent) replaces the seeded initial noise
+        (to compare with the torch runtime on the same start)."""
+        m = self.manifest
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        latent_shape = tuple(m["latent_shape"])
+        diff = m["diffusion"]
+        sampler = sampler or ("euler" if diff["objective"] == "flow" else "ddim")
+        if sampler not in ("ddim", "ddpm", "euler"):
+            raise ValueError(f"sampler must be ddim, ddpm or euler, got {sampler!r}")
+        if (sampler == "euler") != (diff["objective"] == "flow"):
+            raise ValueError(f"sampler {sampler!r} does not fit this {diff['objective']} model: "
+                             "euler is for flow models, ddim and ddpm for DDPM-family ones")
+        steps = steps or (diff["timesteps"] if sampler == "ddpm" else 50)
+        if sampler == "ddpm" and steps != diff["timesteps"]:
+            raise ValueError(f"the ddpm sampler runs all {diff['timesteps']} steps; use ddim for fewer")
+        if noise is not None and tuple(noise.shape) != (n,) + latent_shape:
+            raise ValueError(f"noise must have shape {(n,) + latent_shape}, got {tuple(noise.shape)}")
+        mask_items = self._masks(masks, n) if m["conditional"] else None
+        if masks is not None and not m["conditional"]:
+            raise ValueError("this export is not mask-conditioned; masks cannot be used")
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+        meter = EnergyMeter(country=country, enabled=energy)
+        geometry = m.get("geometry") or {}
+        affine = np.asarray(geometry.get("affine") or np.eye(4))
+        modality = m.get("modality")
+        core = core or [min(s, 32) for s in latent_shape[1:]]
+        results = []
+        for i in range(n):
+            start = noise[i:i + 1] if noise is not None else \
+                np.random.default_rng(seed + i).standard_normal((1,) + latent_shape, dtype=np.float32)
+            cond = mask_items[i][1][None] if mask_items else None
+            t0 = time.perf_counter()
+            with meter.phase("denoise"):
+                z = sample_loop(self.denoise, start, m, sampler, steps, eta=eta,
+                                guidance=guidance if m["conditional"] else None, cond=cond,
+                                rng=np.random.default_rng(seed + i))
+            t1 = time.perf_counter()
+            peak = {"denoise": _peak_rss_gb()}
+            with meter.phase("decode"):
+                image = tiled_decode_numpy(self.decode, z / np.float32(m["scale_factor"]), m, core)[0, 0]
+            t2 = time.perf_counter()
+            peak["decode"] = _peak_rss_gb()
+            if modality == "ct":
+                from medgen_rt.data.preprocess import unit_to_ct
+
+                volume = unit_to_ct(np.clip(image, -1.0, 1.0)).astype(np.float32)
+            else:
+                volume = ((np.clip(image, -1.0, 1.0) + 1.0) / 2.0).astype(np.float32)
+            meta = {"model": str(self.folder), "kind": m["kind"], "seed": seed + i, "index": i, "sampler": sampler,
+                    "steps": steps, "eta": eta, "guidance": guidance if m["conditional"] else None,
+                    "timings_s": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
+                    # process peak RSS so far (onnxruntime reports no GPU peak)
+                    "peak_memory_gb": peak, "device": self.device, "engine": "onnx", "providers": self.providers,
+                    "precision": "fp32" if self.dtype == np.float32 else "fp16",
+                    "exported_by": m.get("medgen_rt_version")}
+            if mask_items:
+                meta["mask"] = str(mask_items[i][0])
+            results.append({"volume": volume, "affine": affine, "metadata": meta, "files": {},
+                            "mask": mask_items[i][2] if mask_items else None})
+        report = meter.report(per=n)
+        for r in results:
+            r["metadata"]["energy"] = {"country": report["country"], "run_kwh": report["kwh"],
+                                       "run_kg_co2e": report["kg_co2e"], "per_volume": report.get("per_item"),
+                                       "phases": report["phases"], "tool": report["tool"]}
+            if out is not None:
+                from medgen_rt.io.outputs import write_generated
+
+                frame = float(geometry.get("frame_duration") or 0) or None
+                r["files"] = write_generated(out, f"sample_{r['metadata']['index']:03d}", r["volume"], affine,
+                                             "ct" if modality == "ct" else "cmr", r["metadata"], mask=r["mask"],
+                                             frame_duration=frame)
+        return results
+
+    def _masks(self, masks, n: int) -> list:
+        from medgen_rt.io import is_nifti_path, read_volume
+
+        if masks is None:
+            raise ValueError("this export is mask-conditioned: pass masks (a NIfTI file or a folder)")
+        labels = self.manifest.get("mask_labels") or []
+        want = tuple(self.manifest["mask_shape"][1:])
+        path = Path(masks)
+        files = sorted(p for p in path.iterdir() if is_nifti_path(p)) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"masks {masks}: no NIfTI masks found")
+        items = []
+        for f in files:
+            vol = read_volume(f, dtype=None).array
+            if tuple(vol.shape) != want:
+                raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model takes {want}")
+            unknown = sorted(set(np.unique(vol).astype(int).tolist()) - {0} - set(labels))
+            if unknown:
+                raise ValueError(f"{f}: labels {unknown} are not among the model's mask labels {labels}")
+            items.append((f, np.stack([(vol == v) for v in labels]).astype(np.float32), vol.astype(np.uint8)))
+        return [items[i % len(items)] for i in range(n)]
