@@ -20,6 +20,7 @@ values replace the analytic ones. Sizes are binary: "8GB" = 8 GiB.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -286,6 +287,11 @@ def measure_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: tor
 
 # ---- the plan ---------------------------------------------------------------------------------------
 
+def denoiser_dtype_for(device) -> torch.dtype:
+    """bf16 on CUDA (the published models train in bf16 autocast), float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def _default_budget(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
@@ -317,14 +323,24 @@ def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n
     """
     device = torch.device(device)
     limit = parse_memory(max_vram)
-    dtype = denoiser_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = denoiser_dtype or denoiser_dtype_for(device)
     units = denoiser_units(net, latent_shape)
     measured_ok = measure and device.type == "cuda" and next(net.parameters()).device.type == "cuda"
     if measured_ok:
-        from medgen_rt.sampling.api import _model_fn
+        # run as sampling will: weights in the planned dtype; a mask-conditioned model
+        # without its mask (the adapter's share is small next to the blocks')
+        takes_mask = "mask" in inspect.signature(net.forward).parameters
+        weights_dtype = next(net.parameters()).dtype
+        net.to(dtype)
 
-        fn = _model_fn(net, False)
-        denoise_cost = measure_denoise_cost(net, latent_shape, dtype, lambda x: fn(x.to(dtype), 0, None))
+        def call(x):
+            t = torch.zeros(x.shape[0], device=x.device)
+            return net(x.to(dtype), t, None) if takes_mask else net(x.to(dtype), t)
+
+        try:
+            denoise_cost = measure_denoise_cost(net, latent_shape, dtype, call)
+        finally:
+            net.to(weights_dtype)
     else:
         denoise_cost = analytic_denoise_cost(net, latent_shape, dtype)
     passes = 2 if guidance else 1
