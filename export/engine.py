@@ -173,6 +173,20 @@ def sample_loop(model: Callable, noise: np.ndarray, manifest: dict, sampler: str
 
 # ---- decoding -------------------------------------------------------------------------------
 
+def snap_to_codebook(z: np.ndarray, codebook: np.ndarray, rows_per_chunk: int = 65536) -> np.ndarray:
+    """Each latent vector (channel axis 1) replaced by its nearest codebook row (squared
+    L2 as |c|^2 - 2 z.c in float32, ties to the lowest index, like medgen_rt.ops.vq_nearest),
+    in chunks so that no N x K matrix of the whole latent is built."""
+    flat = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1]).astype(np.float32)
+    norms = (codebook.astype(np.float32) ** 2).sum(axis=1)
+    out = np.empty_like(flat)
+    for start in range(0, len(flat), rows_per_chunk):
+        part = flat[start:start + rows_per_chunk]
+        index = np.argmin(norms[None, :] - 2.0 * part @ codebook.T, axis=1)
+        out[start:start + rows_per_chunk] = codebook[index]
+    return np.moveaxis(out.reshape(z.shape[:1] + z.shape[2:] + z.shape[1:2]), -1, 1)
+
+
 def tiled_decode_numpy(decode: Callable, latent: np.ndarray, manifest: dict, core: Sequence[int],
                        progress=None) -> np.ndarray:
     """Decode (B, D, *L) tile by tile with the decoder's halo, exactly like
@@ -224,6 +238,7 @@ class OnnxEngine:
         self.dtype = np.float32 if precision == "fp32" else np.float16
         self.denoiser = _Session(self.folder / files[f"denoiser{suffix}"], self.providers)
         self.decoder = _Session(self.folder / files[f"decoder{suffix}"], self.providers)
+        self.codebook = np.load(self.folder / self.manifest["codebook"]).astype(np.float32)
 
     @property
     def device(self) -> str:
@@ -286,7 +301,8 @@ class OnnxEngine:
             t1 = time.perf_counter()
             peak = {"denoise": _peak_rss_gb()}
             with meter.phase("decode"):
-                image = tiled_decode_numpy(self.decode, z / np.float32(m["scale_factor"]), m, core)[0, 0]
+                z = snap_to_codebook(z / np.float32(m["scale_factor"]), self.codebook)
+                image = tiled_decode_numpy(self.decode, z, m, core)[0, 0]
             t2 = time.perf_counter()
             peak["decode"] = _peak_rss_gb()
             if modality == "ct":

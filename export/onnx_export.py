@@ -8,7 +8,7 @@ Written into OUT (atomically: a temporary folder renamed at the end):
     denoiser.onnx             (x, t[, mask]) -> model output; dynamic batch
     decoder.onnx              one latent tile -> image tile; dynamic batch and tile size
     encoder.onnx              image tile -> latent before quantisation; dynamic sizes
-    codebook.npy              the VQ codebook (K, D), to quantise the encoder's output
+    codebook.npy              the VQ codebook (K, D): generated latents snap to it before decoding
     *_fp16.onnx               the same in float16 (for GPUs), unless fp16=False
 
 Export traces the reference ops (MEDGEN_BACKEND=reference): ONNX has no custom

@@ -15,6 +15,7 @@ VERBS = {
     "train": "medgen_rt.cli.train",
     "encode": "medgen_rt.cli.encode",
     "sample": "medgen_rt.cli.sample",
+    "convert": "medgen_rt.cli.convert",
     "export": "medgen_rt.cli.export",
 }
 

@@ -63,7 +63,10 @@ class TGCA(nn.Module):
 
     def __init__(self, base: DiT, mask_channels: int, inject_layers: Optional[Union[int, Sequence[int]]] = None,
                  finetune_last_n_blocks: int = 0, condition_dropout_prob: float = 0.1,
-                 adapter_scale_init: float = 0.1):
+                 adapter_scale_init: float = 0.1, control_norm: bool = False):
+        """control_norm: LayerNorm (no affine, eps 1e-6) of each scaled control before it is
+        added, as the published VolDiT DiTBlock does (its ``control_norm``); converted
+        VolDiT checkpoints need it, models trained here do without (DESIGN §4)."""
         super().__init__()
         if base.config.spatial_dims != 3:
             raise ValueError("TGCA conditions DiT3D models (3D latents); the base model is 4D")
@@ -83,6 +86,7 @@ class TGCA(nn.Module):
         self.inject_layers = layers
         self.finetune_last_n_blocks = finetune_last_n_blocks
         self.condition_dropout_prob = condition_dropout_prob
+        self.control_norm = control_norm
         hidden = base.config.hidden_size
         self.condition_embedder = MaskEncoder(mask_channels, hidden)
         self.time_gate = nn.Linear(hidden, 1)
@@ -130,6 +134,8 @@ class TGCA(nn.Module):
                 mask = drop_whole_masks(mask, self.condition_dropout_prob)
             control = self.control_tokens(mask, t_emb, grid)
             controls = {layer: self.adapter_scales[i] * control for i, layer in enumerate(self.inject_layers)}
+            if self.control_norm:
+                controls = {k: F.layer_norm(v, (v.shape[-1],), eps=1e-6) for k, v in controls.items()}
         tokens = self.base.run_blocks(tokens, c, rope, controls)
         return self.base.head(tokens, c, grid)
 

@@ -32,6 +32,8 @@ class UNetConfig:
     attention_levels: tuple = (False, False, True, True)
     num_head_channels: tuple = (0, 0, 32, 32)
     norm_num_groups: int = 32
+    # False: no SiLU before the output convolution, as MedLoRD's U-Net (it comments it out)
+    out_silu: bool = True
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
@@ -68,6 +70,8 @@ class UNetDenoiser(nn.Module):
         super().__init__()
         self.config = config
         self.unet = DiffusionModelUNet(out_channels=config.out_channels, **config.monai_kwargs())
+        if not config.out_silu:
+            self.unet.out[1] = nn.Identity()
 
     @property
     def downsample_factor(self) -> int:

@@ -246,7 +246,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         seconds = (time.perf_counter() - t0) / len(group)
         peak = _peak_memory(dev)
         for j, i in enumerate(group):
-            latents[i] = (z[j:j + 1] / scale).cpu()
+            latents[i] = (z[j:j + 1] / scale).float().cpu()
             meta[i] = {"timings_s": {"denoise": round(seconds, 3)}, "peak_memory_gb": {"denoise": peak}}
     if bar is not None:
         bar.close()
@@ -265,7 +265,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             tile_bar = tqdm(desc="decode", unit="plane", dynamic_ncols=True, leave=False)
         t1 = time.perf_counter()
         with meter.phase("decode"):
-            image = decode_latent(vae, latents.pop(i).to(dev), plan.decode_chunk, axis=plan.decode_axis,
+            # snapped to the nearest codebook entries first, as the published samplers decode
+            z = vae.quantizer.lookup(latents.pop(i).to(dev))[1]
+            image = decode_latent(vae, z, plan.decode_chunk, axis=plan.decode_axis,
                                   progress=(lambda k, total: (setattr(tile_bar, "total", total),
                                                               tile_bar.update(k - tile_bar.n)))
                                   if tile_bar is not None else None,
