@@ -146,9 +146,17 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim): attention runs over N
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = ops.attention(q, k, v, rope, self.dropout if self.training else 0.0)
+        # qk-norm runs inside the op (fused into the kernel), from these modules' parameters.
+        out = ops.attention(q, k, v, rope, self.dropout if self.training else 0.0,
+                            q_norm=self._norm_args(self.q_norm), k_norm=self._norm_args(self.k_norm))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+    @staticmethod
+    def _norm_args(norm: nn.Module) -> Optional[tuple]:
+        """(weight, bias, eps) of a qk-norm LayerNorm for ops.attention; None for Identity."""
+        if isinstance(norm, nn.Identity):
+            return None
+        return norm.weight, norm.bias, norm.eps
 
 
 class DiTBlock(nn.Module):

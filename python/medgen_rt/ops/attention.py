@@ -1,20 +1,30 @@
-"""attention: multi-head self-attention over volume tokens, with optional
-rotary position embedding (RoPE) applied to q and k inside the op.
+"""attention: multi-head self-attention over volume tokens, with optional qk-norm
+and rotary position embedding (RoPE) applied to q and k inside the op.
 
 q, k, v (B, H, N, d); rope None or a pair (cos, sin) of (N, d) tables as made
-by :func:`medgen_rt.models.embeddings.rope_tables` (rotate-half layout).
-Output (B, H, N, d). Attention runs over tokens (N), never over heads.
-Reference: PyTorch's scaled_dot_product_attention; the flash-style kernels come
-with the kernels issue.
+by :func:`medgen_rt.models.embeddings.rope_tables` (rotate-half layout);
+q_norm / k_norm None or (weight, bias, eps) of a LayerNorm over d (weight and
+bias (d,) or None), applied before RoPE, as timm's Attention(qk_norm=True).
+Output (B, H, N, d). Attention runs over tokens (N), never over heads; the
+softmax scale is 1/sqrt(d).
+
+Backends: reference (this file: LayerNorm, RoPE in float32, then PyTorch's
+scaled_dot_product_attention), triton (kernels/attention.py: flash-style
+forward, default on CUDA), flash_attn (only when the flash-attn package
+imports: 16-bit CUDA tensors, norm and RoPE applied in PyTorch first).
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from medgen_rt.ops.registry import register_op
+from medgen_rt.ops.registry import Backend, register_op
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,18 +38,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+def apply_norm(x: torch.Tensor, norm: Optional[tuple]) -> torch.Tensor:
+    """LayerNorm over the head dim, exactly what nn.LayerNorm(d) does to x."""
+    if norm is None:
+        return x
+    weight, bias, eps = norm
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Optional[tuple] = None,
-                        dropout_p: float = 0.0) -> torch.Tensor:
+                        dropout_p: float = 0.0, q_norm: Optional[tuple] = None,
+                        k_norm: Optional[tuple] = None) -> torch.Tensor:
+    q, k = apply_norm(q, q_norm), apply_norm(k, k_norm)
     if rope is not None:
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
-def check_attention(q, k, v, rope=None, dropout_p=0.0):
+def _check_norm(name, norm, d, device):
+    if norm is None:
+        return
+    if not isinstance(norm, (tuple, list)) or len(norm) != 3:
+        raise ValueError(f"attention: {name} must be None or (weight, bias, eps), got {type(norm).__name__}")
+    weight, bias, eps = norm
+    for part, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (d,):
+            raise ValueError(f"attention: {name} {part} must be a (d,) = ({d},) tensor or None, "
+                             f"got {tuple(getattr(t, 'shape', ()))}")
+        if t.device != device:
+            raise ValueError(f"attention: {name} {part} is on {t.device} but q is on {device}")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"attention: {name} eps must be positive and finite, got {eps!r}")
+
+
+def check_attention(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
     if q.dim() != 4 or tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
         raise ValueError(f"attention: q, k, v must all be (B, H, N, d); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if rope is not None:
         cos, sin = rope
         want = (q.shape[2], q.shape[3])
@@ -47,6 +89,88 @@ def check_attention(q, k, v, rope=None, dropout_p=0.0):
             raise ValueError(f"attention: rope tables must be (N, d) = {want}, got {tuple(cos.shape)}")
         if q.shape[3] % 2:
             raise ValueError("attention: RoPE needs an even head dimension")
+        if cos.device != q.device or sin.device != q.device:
+            raise ValueError(f"attention: rope tables are on {cos.device} but q is on {q.device}")
+    _check_norm("q_norm", q_norm, q.shape[3], q.device)
+    _check_norm("k_norm", k_norm, q.shape[3], q.device)
+
+
+# ---- triton backend (kernels/attention.py) -------------------------------------------
+
+def _triton_unavailable(device_type: str):
+    from medgen_rt.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
+def _triton_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
+    from medgen_rt.kernels.attention import MAX_HEAD_DIM
+
+    if dropout_p > 0:
+        return "the Triton kernel has no attention dropout (training with dropout uses SDPA)"
+    if q.dtype not in FLOAT_DTYPES:
+        return f"the Triton kernel takes float32, float16 or bfloat16, not {q.dtype}"
+    if q.shape[3] > MAX_HEAD_DIM:
+        return f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got {q.shape[3]}"
+    return None
+
+
+def attention_triton(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
+    from medgen_rt.kernels.attention import attention as triton_attention
+
+    return triton_attention(q, k, v, rope, q_norm, k_norm)
+
+
+# ---- flash_attn backend (optional package) -------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_func():
+    """flash_attn.flash_attn_func, or None when the package does not import."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # missing, or built for another torch/CUDA: never required
+        return None
+    return flash_attn_func
+
+
+def _flash_attn_unavailable(device_type: str):
+    if _flash_attn_func() is None:
+        return "flash-attn is not installed (pip install '.[flash]')"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return "flash-attn runs only on CUDA devices"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return "flash-attn 2 needs an Ampere or newer GPU (sm_80+)"
+    return None
+
+
+def _flash_attn_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn takes float16 or bfloat16, not {q.dtype}"
+    if q.shape[3] > 256 or q.shape[3] % 8:
+        return f"flash-attn takes head dims that are multiples of 8 up to 256, got {q.shape[3]}"
+    return None
+
+
+def attention_flash_attn(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
+    # flash-attn has no qk-norm or RoPE of this layout: apply them here, as the reference does.
+    q, k = apply_norm(q, q_norm), apply_norm(k, k_norm)
+    if rope is not None:
+        q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
+    # flash-attn wants (B, N, H, d); a transposed view of ours is that layout with d contiguous.
+    out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p)
+    return out.transpose(1, 2)
 
 
 attention = register_op("attention", attention_reference, check_args=check_attention)
+attention.register(Backend(
+    name="triton", fn=attention_triton, devices=frozenset({"cpu", "cuda"}),
+    # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
+    default_on=frozenset({"cuda"}), priority=2,
+    is_available=_triton_unavailable, supports=_triton_supports))
+# Registered only where the package imports; picked automatically on CUDA when the Triton
+# kernel declines (attention dropout in training), ahead of the reference.
+if _flash_attn_func() is not None:
+    attention.register(Backend(
+        name="flash_attn", fn=attention_flash_attn, devices=frozenset({"cuda"}),
+        default_on=frozenset({"cuda"}), priority=1,
+        is_available=_flash_attn_unavailable, supports=_flash_attn_supports))

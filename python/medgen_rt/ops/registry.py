@@ -24,7 +24,8 @@ import torch
 
 ENV_VAR = "MEDGEN_BACKEND"
 REFERENCE = "reference"
-KNOWN_BACKENDS = (REFERENCE, "triton", "native")
+# flash_attn: the optional flash-attn package (attention only), registered when it imports
+KNOWN_BACKENDS = (REFERENCE, "triton", "native", "flash_attn")
 
 
 class BackendUnavailableError(RuntimeError):
