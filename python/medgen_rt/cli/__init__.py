@@ -17,6 +17,8 @@ VERBS = {
     "sample": "medgen_rt.cli.sample",
     "convert": "medgen_rt.cli.convert",
     "export": "medgen_rt.cli.export",
+    "eval": "medgen_rt.cli.eval",
+    "share": "medgen_rt.cli.share",
 }
 
 

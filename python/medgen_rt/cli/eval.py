@@ -1,0 +1,160 @@
+"""``medgen eval memorization|quality``: copy detection and quality reports (DESIGN.md section 7).
+
+    medgen eval memorization --train DIR --val DIR --synthetic DIR --out REPORT_DIR [--encoder PATH]
+    medgen eval quality --real DIR --synthetic DIR --out REPORT_DIR [--features encoder|medicalnet:PATH|...]
+
+A folder may be a `medgen sample` output, an images/ (+ masks/) folder or the ACDC layout.
+Each writes REPORT_DIR/report.json (every number) and report.html (one self-contained page).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def add_common(p) -> None:
+    """Options shared by `eval memorization`, `eval quality` and `share`."""
+    p.add_argument("--encoder", type=Path, metavar="PATH",
+                   help="copy-detection encoder (.safetensors): loaded when the file exists, else trained and "
+                        "saved there")
+    p.add_argument("--steps", type=_positive_int, default=600, help="NT-Xent training steps (default 600)")
+    p.add_argument("--size", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="encoder grid (default: the volumes' own, at most 64 64 32)")
+    p.add_argument("--frames", type=_positive_int, default=8, help="cine frames used as encoder channels (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the encoder training (default 0)")
+    p.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto",
+                   help="intensity handling: CT in HU or MR (default: from sidecars and headers)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] for the encoder")
+    p.add_argument("--train-run", type=Path, action="append", default=[], metavar="DIR",
+                   help="a `medgen train` run folder whose energy.json goes into the report (repeatable)")
+    p.add_argument("--sample-run", type=Path, action="append", default=[], metavar="DIR",
+                   help="a `medgen sample` folder whose energy goes into the report (repeatable; default: "
+                        "--synthetic when it holds sampling energy)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate synthetic volumes: copy detection and quality",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True, help="memorization or quality")
+    m = sub.add_parser("memorization", help="which synthetic volumes copy a training volume (Dar et al.)")
+    m.add_argument("--train", type=Path, required=True, help="the generative model's training volumes")
+    m.add_argument("--val", type=Path, required=True, help="held-out volumes of the same population")
+    m.add_argument("--synthetic", type=Path, required=True, help="the generated volumes")
+    m.add_argument("--out", type=Path, required=True, help="report folder")
+    m.add_argument("--top-k", type=_positive_int, default=8, help="pairs shown as pictures (default 8)")
+    add_common(m)
+    q = sub.add_parser("quality", help="MS-SSIM diversity, FID/MMD, slice and frame consistency, EF, mask Dice")
+    q.add_argument("--real", type=Path, required=True, help="real volumes (the reference)")
+    q.add_argument("--synthetic", type=Path, required=True, help="the generated volumes")
+    q.add_argument("--out", type=Path, required=True, help="report folder")
+    q.add_argument("--features", default="encoder",
+                   help="feature extractor for FID/MMD: 'encoder' (the copy-detection encoder, default), "
+                        "'medicalnet:PATH' or 'radimagenet:PATH' (local weights; nothing is downloaded)")
+    q.add_argument("--max-pairs", type=_positive_int, default=50, help="MS-SSIM pairs per set (default 50)")
+    q.add_argument("--lv-label", type=int, default=3, help="LV blood-pool label value (ACDC: 3)")
+    add_common(q)
+
+
+def encoder_config(args):
+    """The EncoderConfig the options ask for."""
+    from medgen_rt.evaluation.encoder import EncoderConfig
+
+    return EncoderConfig(steps=args.steps, size=tuple(args.size) if args.size else None, n_frames=args.frames,
+                         seed=args.seed)
+
+
+def get_encoder(args, device):
+    """(loaded CopyEncoder or None, path to save a trained one to or None)."""
+    from medgen_rt.evaluation.encoder import load_encoder
+
+    if args.encoder is not None and args.encoder.exists():
+        return load_encoder(args.encoder, "--encoder", device), None
+    return None, args.encoder
+
+
+def energy(args, synthetic_dir):
+    """The energy section: --train-run and --sample-run folders, else --synthetic when it
+    holds sampling energy (a `medgen sample` folder)."""
+    from medgen_rt.evaluation.energy import energy_summary
+
+    return energy_summary(args.train_run, list(args.sample_run) or [synthetic_dir], quiet_missing=not args.sample_run)
+
+
+def _device(args):
+    from medgen_rt.runtime.device import pick_device
+
+    return pick_device(args.device)
+
+
+def run_memorization(args) -> int:
+    from medgen_rt.evaluation.datasets import open_set
+    from medgen_rt.evaluation.encoder import save_encoder
+    from medgen_rt.evaluation.memorization import screen_sets
+    from medgen_rt.evaluation.report import render_memorization, write_report
+
+    device = _device(args)
+    train = open_set(args.train, "--train", args.modality)
+    val = open_set(args.val, "--val", args.modality)
+    syn = open_set(args.synthetic, "--synthetic", args.modality)
+    encoder, save_to = get_encoder(args, device)
+    rep = screen_sets(train, val, syn, encoder=encoder, cfg=encoder_config(args), quiet=args.quiet,
+                      device=device)
+    rep["energy"] = energy(args, args.synthetic)
+    out = Path(args.out)
+    if rep["encoder"]["trained_here"]:
+        path = save_to or out / "encoder.safetensors"
+        save_encoder(path, rep["_model"])
+        rep["encoder"]["saved_to"] = str(path)
+    public, page, pictures = render_memorization(rep, {"train": train, "synthetic": syn}, args.top_k)
+    write_report(out, public, page, pictures)
+    print(f"copies: {rep['n_copies']} of {len(syn)} synthetic volumes ({100 * rep['copy_share']:.1f}%); memorized: "
+          f"{rep['n_memorized']} of {len(train)} training volumes ({100 * rep['memorized_share']:.1f}%); "
+          f"threshold r = {rep['threshold']:.4f}; report: {out / 'report.html'}")
+    return 0
+
+
+def run_quality(args) -> int:
+    from medgen_rt.evaluation.datasets import open_set
+    from medgen_rt.evaluation.encoder import save_encoder
+    from medgen_rt.evaluation.features import parse_features
+    from medgen_rt.evaluation.quality import evaluate_quality
+    from medgen_rt.evaluation.report import render_quality, write_report
+
+    device = _device(args)
+    parse_features(args.features)  # a bad --features fails before any volume is read
+    real = open_set(args.real, "--real", args.modality)
+    syn = open_set(args.synthetic, "--synthetic", args.modality)
+    encoder, save_to = get_encoder(args, device) if args.features == "encoder" else (None, None)
+    rep = evaluate_quality(real, syn, features=args.features, encoder=encoder, cfg=encoder_config(args),
+                           max_pairs=args.max_pairs, lv_label=args.lv_label, quiet=args.quiet, device=device)
+    rep["energy"] = energy(args, args.synthetic)
+    out = Path(args.out)
+    if rep["_model"] is not None:
+        path = save_to or out / "encoder.safetensors"
+        save_encoder(path, rep["_model"])
+        rep["features"]["encoder_saved_to"] = str(path)
+    public, page, pictures = render_quality(rep, syn.modality)
+    write_report(out, public, page, pictures)
+    div = rep["ms_ssim_diversity"]["synthetic"].get("mean")
+    print(f"FID {rep['fid']['value']:.4g}, MMD^2 {rep['mmd']['mmd2']:.4g}, MS-SSIM diversity "
+          f"{'n/a' if div is None else f'{div:.4f}'}; report: {out / 'report.html'}")
+    return 0
+
+
+def run(args) -> int:
+    if args.eval_command == "memorization":
+        return run_memorization(args)
+    return run_quality(args)

@@ -1,0 +1,93 @@
+"""``medgen share``: the sharing gate. Screens --synthetic for copies of --train volumes
+(the copy detection of `medgen eval memorization`), copies only the volumes that are not
+copies (with their masks, sidecars and previews) to --out and writes the report beside
+them. When the share of copies is above --max-copy-share it refuses: --out then holds
+only the report, and the exit status is 3 (--force shares the non-copies anyway).
+
+Exit status: 0 shared, 3 refused, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "REFUSED"]
+
+REFUSED = 3
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return v
+
+
+def add_parser(subparsers) -> None:
+    from .eval import add_common
+
+    p = subparsers.add_parser("share", help="copy synthetic volumes that are not copies of training data, with "
+                                            "the screening report", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", type=Path, required=True, help="the generated volumes")
+    p.add_argument("--train", type=Path, required=True, help="the generative model's training volumes")
+    p.add_argument("--val", type=Path, required=True, help="held-out volumes of the same population")
+    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder to share")
+    p.add_argument("--max-copy-share", type=_share, default=0.0,
+                   help="largest share of copies (0..1) that still lets the rest be shared (default 0.0)")
+    p.add_argument("--force", action="store_true", help="share the non-copies even above --max-copy-share")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="also write the full internal report (pictures of the closest training volumes) here")
+    add_common(p)
+
+
+def run(args) -> int:
+    from medgen_rt.evaluation.datasets import open_set
+    from medgen_rt.evaluation.encoder import save_encoder
+    from medgen_rt.evaluation.memorization import screen_sets
+    from medgen_rt.evaluation.report import public_report, render_memorization, render_shared, write_report
+    from medgen_rt.evaluation.share import check_out_dir, gate, redact
+
+    from .eval import _device, encoder_config, energy, get_encoder
+
+    syn = open_set(args.synthetic, "--synthetic", args.modality)
+    check_out_dir(args.out, syn.root)
+    if args.report is not None:
+        rep_dir, out = Path(args.report).resolve(), Path(args.out).resolve()
+        if rep_dir == out or out in rep_dir.parents:
+            raise ValueError(f"--report: {args.report} is inside --out; the full report shows training volumes and "
+                             "must stay internal")
+    train = open_set(args.train, "--train", args.modality)
+    val = open_set(args.val, "--val", args.modality)
+    device = _device(args)
+    encoder, save_to = get_encoder(args, device)
+    rep = screen_sets(train, val, syn, encoder=encoder, cfg=encoder_config(args), quiet=args.quiet, device=device)
+    rep["energy"] = energy(args, args.synthetic)
+    if rep["encoder"]["trained_here"] and (save_to or args.report):
+        # Never into --out: the encoder was trained on the patients' volumes.
+        path = save_to or Path(args.report) / "encoder.safetensors"
+        save_encoder(path, rep["_model"])
+        rep["encoder"]["saved_to"] = str(path)
+
+    def write(folder, info):
+        shared = redact({**public_report(rep), "sharing": info})
+        write_report(folder, shared, render_shared(shared, info))
+
+    info = gate(rep, syn, args.out, args.max_copy_share, args.force, write)
+    if args.report:
+        public, page, pictures = render_memorization({**rep, "sharing": info}, {"train": train, "synthetic": syn})
+        write_report(args.report, public, page, pictures)
+    n_copies = len(info["withheld"])
+    if info["decision"] == "refused":
+        print(f"medgen share: refused: {n_copies} of {len(syn)} synthetic volumes ({100 * rep['copy_share']:.1f}%) "
+              f"are copies of training volumes, above --max-copy-share {args.max_copy_share:g}; nothing was shared. "
+              f"Report: {Path(args.out) / 'report.html'} (--force shares the other volumes)", file=sys.stderr)
+        return REFUSED
+    print(f"shared {len(info['shared'])} of {len(syn)} synthetic volumes to {args.out} ({n_copies} withheld as "
+          f"copies; threshold r = {rep['threshold']:.4f})")
+    return 0
+

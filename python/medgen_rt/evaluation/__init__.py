@@ -1,0 +1,13 @@
+"""Evaluation of synthetic volumes (DESIGN.md section 7): copy detection before sharing,
+quality metrics and self-contained reports.
+
+datasets      the folders evaluation reads (sample output, images/ + masks/, ACDC), lazily
+encoder       the self-supervised NT-Xent copy-detection encoder (train, embed, save, load)
+memorization  nearest neighbours by Pearson correlation, the threshold, copies and memorised volumes
+metrics       MS-SSIM diversity, FID, MMD, inter-slice and temporal statistics, EF, Dice
+features      MedicalNet / RadImageNet feature extractors from local weights
+quality       all quality metrics of a synthetic set against a real one
+energy        training and sampling energy, CO2 and driving distance for the reports
+report        report.json and the self-contained report.html
+share         the sharing gate behind `medgen share`
+"""

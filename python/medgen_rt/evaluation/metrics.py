@@ -1,0 +1,342 @@
+"""Quality metrics of synthetic volumes, each a plain function of arrays.
+
+Image metrics take intensities in [0, 1] (``datasets.to_display01``). The slice axis is
+the third array axis (Z) for CT and cine; cine frames are the fourth (T).
+
+* MS-SSIM diversity: mean MS-SSIM (MONAI's MultiScaleSSIMMetric) over pairs of volumes
+  of one set; lower = more diverse. Scales and kernel shrink to fit small volumes.
+* FID: Frechet distance between Gaussians fitted to two feature sets.
+* MMD: unbiased squared maximum mean discrepancy, Gaussian kernel, median-heuristic bandwidth.
+* Inter-slice consistency of adjacent slices S_k, S_k+1: MAD = mean |S_k - S_k+1|,
+  NMAD = MAD / mean intensity of the two slices, Pearson r of their voxels; the
+  distributions are compared with the 1-D Wasserstein distance.
+* Temporal smoothness (cine): mean |F_t+1 - F_t| per step, and cycle closure
+  mean |F_T-1 - F_0| (last frame vs first; about one step for a closed cycle).
+* Cardiac function: LV blood-pool volumes (ml) at ED and ES, EF = 100 (EDV - ESV) / EDV.
+* Mask adherence: Dice per structure between a mask and an intensity segmentation.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_settings", "ms_ssim", "ms_ssim_diversity", "frechet_distance", "mmd_rbf",
+           "wasserstein_1d", "shrink_for_ssim", "interslice", "temporal", "lv_volume_ml", "ejection_fraction",
+           "cardiac_function", "dice", "IntensityModel", "dilate", "segment_by_intensity", "mask_adherence", "describe"]
+
+# Wang et al. 2003, the weights MONAI uses by default.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def describe(values) -> dict:
+    """n, mean, std, min, median, max of the finite values (n = 0 and nothing else if none)."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return {"n": 0}
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+            "median": float(np.median(a)), "max": float(a.max())}
+
+
+# --------------------------------------------------------------------------- MS-SSIM
+
+
+def ms_ssim_settings(spatial_shape: Sequence[int], max_kernel: int = 11) -> dict:
+    """Kernel size per axis and scale weights that fit ``spatial_shape``.
+
+    MONAI needs, per axis, ``size // (n_scales - 1)**2 > kernel - 1``, and after
+    n_scales - 1 halvings the image must still hold a kernel. The most scales (<= 5) for
+    which every axis holds an odd kernel >= 3 are used; the kernel is the largest odd
+    size <= ``max_kernel`` that fits; the first n standard weights are renormalised to sum 1.
+    """
+    for n in range(len(MS_SSIM_WEIGHTS), 0, -1):
+        div = max(1, n - 1) ** 2
+        ks = []
+        for s in spatial_shape:
+            k = min(max_kernel, s // div, s // 2 ** (n - 1))
+            k = k if k % 2 else k - 1
+            if s // div <= k - 1:
+                k -= 2
+            ks.append(k)
+        if all(k >= 3 for k in ks):
+            w = np.asarray(MS_SSIM_WEIGHTS[:n], dtype=np.float64)
+            return {"kernel_size": ks, "weights": [float(v) for v in w / w.sum()], "scales": n}
+    raise ValueError(f"volume: shape {tuple(spatial_shape)} is too small for SSIM (every axis needs >= 3 voxels)")
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray, spatial_dims: int, settings: Optional[dict] = None,
+            data_range: float = 1.0) -> float:
+    """MS-SSIM between two images in [0, data_range] of shape (N, *spatial) (N images
+    compared pairwise and averaged: e.g. the frames of a cine). MONAI's metric."""
+    from monai.metrics import MultiScaleSSIMMetric
+
+    ta = torch.as_tensor(np.asarray(a, dtype=np.float32))[:, None]
+    tb = torch.as_tensor(np.asarray(b, dtype=np.float32))[:, None]
+    settings = settings or ms_ssim_settings(ta.shape[2:])
+    metric = MultiScaleSSIMMetric(spatial_dims=spatial_dims, data_range=data_range,
+                                  kernel_size=settings["kernel_size"], weights=settings["weights"])
+    return float(metric(ta, tb).mean())
+
+
+def _as_images(vol01: np.ndarray) -> tuple:
+    """3D volumes -> (1, X, Y, Z) for 3D MS-SSIM; cine (X,Y,Z,T) -> (Z*T, X, Y) slices for
+    2D MS-SSIM (cine stacks have few, thick slices)."""
+    v = np.asarray(vol01, dtype=np.float32)
+    if v.ndim == 3:
+        return v[None], 3
+    return np.moveaxis(v, (2, 3), (0, 1)).reshape(-1, v.shape[0], v.shape[1]), 2
+
+
+def shrink_for_ssim(vol01: np.ndarray, max_side: int = 128) -> np.ndarray:
+    """Average-pool the spatial axes (X, Y, Z) by one integer factor so none exceeds
+    ``max_side`` (a 512 x 512 x 256 CT becomes 128 x 128 x 64): MONAI's 3D MS-SSIM
+    convolves with a full 11^3 kernel, minutes per pair at full size on a CPU."""
+    v = np.asarray(vol01, dtype=np.float32)
+    f = int(math.ceil(max(v.shape[:3]) / max_side))
+    if f <= 1:
+        return v
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, 3, 0) if v.ndim == 4 else v[None]))
+    t = torch.nn.functional.avg_pool3d(t[:, None], kernel_size=f, ceil_mode=True)[:, 0]
+    return np.moveaxis(t.numpy(), 0, 3) if v.ndim == 4 else t[0].numpy()
+
+
+def ms_ssim_diversity(volumes: Sequence[np.ndarray], max_pairs: int = 50, seed: int = 0) -> dict:
+    """Mean MS-SSIM over pairs of volumes of one set (all pairs, or ``max_pairs`` drawn
+    at random). Lower means more diverse; a set of copies of one volume gives 1."""
+    n = len(volumes)
+    if n < 2:
+        return {"n_pairs": 0, "note": "needs at least 2 volumes"}
+    shape = np.asarray(volumes[0]).shape
+    for v in volumes:
+        if np.asarray(v).shape != shape:
+            raise ValueError(f"volumes: MS-SSIM needs equal shapes, got {shape} and {np.asarray(v).shape}")
+    pairs = list(itertools.combinations(range(n), 2))
+    if len(pairs) > max_pairs:
+        rng = np.random.default_rng(seed)
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=max_pairs, replace=False))]
+    images = [_as_images(v) for v in volumes]
+    dims = images[0][1]
+    settings = ms_ssim_settings(images[0][0].shape[1:])
+    values = [ms_ssim(images[i][0], images[j][0], dims, settings) for i, j in pairs]
+    return {**describe(values), "n_pairs": len(pairs), "spatial_dims": dims, **settings,
+            "values": [float(v) for v in values]}
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """FID between feature sets x (N, D) and y (M, D): |mu_x - mu_y|^2 + tr(Sx + Sy - 2 (Sx Sy)^1/2).
+
+    The trace of the matrix square root is computed as the sum of the square roots of the
+    eigenvalues of Sx^1/2 Sy Sx^1/2 (symmetric, so eigh is stable). MONAI's FIDMetric
+    needs scipy.linalg.sqrtm, and scipy is not a dependency.
+    Covariances with ddof = 1; needs N, M >= 2.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"features: expected (N, D) and (M, D), got {x.shape} and {y.shape}")
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError("features: FID needs at least 2 volumes in each set")
+    mx, my = x.mean(0), y.mean(0)
+    sx, sy = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
+    w, v = np.linalg.eigh(sx)
+    root_sx = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root_sx @ sy @ root_sx
+    ev = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_sqrt = float(np.sqrt(np.clip(ev, 0, None)).sum())
+    return float(((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2.0 * tr_sqrt)
+
+
+def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: Optional[float] = None) -> dict:
+    """Unbiased MMD^2 with k(a, b) = exp(-|a - b|^2 / (2 bandwidth^2)).
+
+    bandwidth: default the median pairwise distance of the pooled features. Returns
+    dict(mmd2, bandwidth). Needs N, M >= 2. (MONAI's MMDMetric compares two image batches
+    voxel by voxel with a linear kernel; here two sets of feature vectors are compared.)
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError("features: MMD needs at least 2 volumes in each set")
+    z = np.concatenate([x, y])
+    sq = (z * z).sum(1)
+    d2 = np.clip(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0, None)
+    if bandwidth is None:
+        off = d2[np.triu_indices(n + m, 1)]
+        bandwidth = float(np.sqrt(np.median(off))) if off.size else 1.0
+        bandwidth = bandwidth if bandwidth > 0 else 1.0
+    k = np.exp(-d2 / (2.0 * bandwidth ** 2))
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    mmd2 = ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2.0 * kxy.mean())
+    return {"mmd2": float(mmd2), "bandwidth": float(bandwidth)}
+
+
+def wasserstein_1d(u, v) -> float:
+    """W1 between two empirical distributions: the integral of |F_u - F_v| over x (what
+    scipy.stats.wasserstein_distance computes; scipy is not a dependency)."""
+    u = np.sort(np.asarray(u, dtype=np.float64).ravel())
+    v = np.sort(np.asarray(v, dtype=np.float64).ravel())
+    u, v = u[np.isfinite(u)], v[np.isfinite(v)]
+    if u.size == 0 or v.size == 0:
+        return float("nan")
+    allv = np.sort(np.concatenate([u, v]))
+    deltas = np.diff(allv)
+    cu = np.searchsorted(u, allv[:-1], side="right") / u.size
+    cv = np.searchsorted(v, allv[:-1], side="right") / v.size
+    return float(np.sum(np.abs(cu - cv) * deltas))
+
+
+# --------------------------------------------------------------------------- slices and frames
+
+
+def interslice(vol01: np.ndarray) -> dict:
+    """Adjacent-slice statistics along Z of a volume (X,Y,Z) or every frame of a cine.
+
+    Returns arrays with one value per adjacent pair (per frame): mad, nmad, pearson.
+    NMAD is NaN where both slices are 0; Pearson r is NaN where a slice is constant.
+    """
+    v = np.asarray(vol01)
+    if v.ndim == 3:
+        v = v[..., None]
+    if v.shape[2] < 2:
+        raise ValueError(f"volume: inter-slice statistics need at least 2 slices, got shape {v.shape}")
+    mad, nmad, r = [], [], []
+    for t in range(v.shape[3]):  # one frame at a time, one slice pair at a time: no volume-sized copies
+        for k in range(v.shape[2] - 1):
+            a = v[:, :, k, t].astype(np.float64).ravel()
+            b = v[:, :, k + 1, t].astype(np.float64).ravel()
+            m = float(np.abs(a - b).mean())
+            level = 0.5 * (float(np.abs(a).mean()) + float(np.abs(b).mean()))
+            ac, bc = a - a.mean(), b - b.mean()
+            den = math.sqrt(float((ac * ac).sum()) * float((bc * bc).sum()))
+            mad.append(m)
+            nmad.append(m / level if level > 0 else float("nan"))
+            r.append(float((ac * bc).sum()) / den if den > 0 else float("nan"))
+    return {"mad": np.array(mad), "nmad": np.array(nmad), "pearson": np.array(r)}
+
+
+def temporal(vol01: np.ndarray) -> dict:
+    """Frame-to-frame change of a cine (X,Y,Z,T) in [0, 1].
+
+    steps: mean |F_t+1 - F_t| for t = 0..T-2; step_mean, step_max; closure: mean
+    |F_T-1 - F_0|; closure_ratio = closure / step_mean (about 1 when the cycle closes).
+    """
+    v = np.asarray(vol01, dtype=np.float64)
+    if v.ndim != 4 or v.shape[3] < 2:
+        raise ValueError(f"volume: temporal smoothness needs a cine (X,Y,Z,T>=2), got shape {v.shape}")
+    steps = np.abs(np.diff(v, axis=3)).mean(axis=(0, 1, 2))
+    closure = float(np.abs(v[..., -1] - v[..., 0]).mean())
+    step_mean = float(steps.mean())
+    return {"steps": steps, "step_mean": step_mean, "step_max": float(steps.max()), "closure": closure,
+            "closure_ratio": closure / step_mean if step_mean > 0 else float("nan")}
+
+
+# --------------------------------------------------------------------------- cardiac function
+
+
+def lv_volume_ml(labels: np.ndarray, spacing: Sequence[float], lv_label: int = 3) -> float:
+    """LV blood-pool volume in ml of a label map (X,Y,Z): voxel count x voxel volume."""
+    voxel_ml = float(np.prod([float(s) for s in spacing[:3]])) / 1000.0
+    return float(np.count_nonzero(np.asarray(labels) == lv_label)) * voxel_ml
+
+
+def ejection_fraction(edv: float, esv: float) -> float:
+    """EF in percent; NaN when EDV is 0."""
+    return 100.0 * (edv - esv) / edv if edv > 0 else float("nan")
+
+
+def cardiac_function(spacing, lv_label: int = 3, ed_es: Optional[dict] = None,
+                     labels4d: Optional[np.ndarray] = None) -> Optional[dict]:
+    """EDV, ESV (ml) and EF (%) from ED/ES label maps ({"ed": .., "es": ..}) or from a 4D
+    label map (X,Y,Z,T): ED = the frame with the largest LV blood pool, ES the smallest."""
+    if ed_es and "ed" in ed_es and "es" in ed_es:
+        edv, esv = lv_volume_ml(ed_es["ed"], spacing, lv_label), lv_volume_ml(ed_es["es"], spacing, lv_label)
+        source = "ED/ES label maps"
+    elif labels4d is not None and np.asarray(labels4d).ndim == 4:
+        vols = [lv_volume_ml(labels4d[..., t], spacing, lv_label) for t in range(labels4d.shape[3])]
+        edv, esv = max(vols), min(vols)
+        source = "4D label map (ED = largest, ES = smallest LV blood pool)"
+    else:
+        return None
+    return {"edv_ml": edv, "esv_ml": esv, "ef_percent": ejection_fraction(edv, esv), "source": source}
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """2 |A and B| / (|A| + |B|) of two boolean arrays; NaN when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float(np.logical_and(a, b).sum()) / total if total else float("nan")
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of (X,Y,Z) or (X,Y,Z,T) (per frame) by a (2r+1)^3 cube (torch max-pool)."""
+    m = np.asarray(mask, dtype=bool)
+    if radius <= 0:
+        return m.copy()
+    t = torch.from_numpy(m.astype(np.float32))
+    t = t[None, None] if m.ndim == 3 else t.permute(3, 0, 1, 2)[:, None]
+    out = torch.nn.functional.max_pool3d(t, kernel_size=2 * radius + 1, stride=1, padding=radius)
+    out = out[0, 0] if m.ndim == 3 else out[:, 0].permute(1, 2, 3, 0)
+    return out.numpy() > 0.5
+
+
+class IntensityModel:
+    """Mean and standard deviation of the intensity of every structure, fitted on real
+    (image, mask) pairs; segments a structure as the voxels near it whose intensity
+    lies within ``k`` standard deviations of its mean."""
+
+    def __init__(self, k: float = 2.5, radius: int = 2):
+        self.k, self.radius = float(k), int(radius)
+        self._sums: dict = {}
+
+    def fit(self, image01: np.ndarray, mask: np.ndarray) -> "IntensityModel":
+        img, m = np.asarray(image01, dtype=np.float64), np.asarray(mask)
+        for label in np.unique(m):
+            if label == 0:
+                continue
+            vals = img[m == label]
+            s = self._sums.setdefault(int(label), [0, 0.0, 0.0])
+            s[0] += vals.size
+            s[1] += float(vals.sum())
+            s[2] += float((vals * vals).sum())
+        return self
+
+    @property
+    def stats(self) -> dict:
+        out = {}
+        for label, (n, s1, s2) in sorted(self._sums.items()):
+            mean = s1 / n
+            out[label] = {"mean": mean, "std": math.sqrt(max(s2 / n - mean * mean, 0.0)), "n_voxels": n}
+        return out
+
+    def segment(self, image01: np.ndarray, mask: np.ndarray, label: int) -> np.ndarray:
+        return segment_by_intensity(image01, mask, label, self.stats[label]["mean"], self.stats[label]["std"],
+                                    self.k, self.radius)
+
+
+def segment_by_intensity(image01: np.ndarray, mask: np.ndarray, label: int, mean: float, std: float,
+                         k: float = 2.5, radius: int = 2) -> np.ndarray:
+    """Voxels within ``radius`` voxels of the mask's structure ``label`` whose intensity is in
+    mean +- k std. The search region keeps structures of equal intensity elsewhere (e.g.
+    the two ventricles' blood) out of each other's segmentation."""
+    region = dilate(np.asarray(mask) == label, radius)
+    img = np.asarray(image01, dtype=np.float64)
+    return region & (np.abs(img - mean) <= k * max(std, 1e-6))
+
+
+def mask_adherence(image01: np.ndarray, mask: np.ndarray, model: IntensityModel) -> dict:
+    """Dice per structure (label -> Dice) between the mask and the intensity segmentation."""
+    out = {}
+    for label in model.stats:
+        if np.any(np.asarray(mask) == label):
+            out[label] = dice(np.asarray(mask) == label, model.segment(image01, mask, label))
+    return out

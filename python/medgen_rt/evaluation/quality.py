@@ -1,0 +1,221 @@
+"""Quality of a synthetic set against a real one (DESIGN.md section 7): every metric of
+:mod:`.metrics` over the two sets, as one JSON-ready dict.
+
+Volumes are read one at a time; only the ones kept for MS-SSIM (at most
+``max_ms_ssim_volumes`` per set) and the example pictures stay in memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics as M
+from .datasets import EvalInputError, EvalSet, check_compatible, same_shape, to_display01
+
+__all__ = ["evaluate_quality"]
+
+
+def _spacing(affine) -> tuple:
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
+
+
+def _scan(s: EvalSet, quiet: bool, keep: int, lv_label: int, segmenter=None) -> dict:
+    """One pass over a set: slice and frame statistics, cardiac function, masks, and the
+    first ``keep`` volumes in [0, 1] for MS-SSIM and pictures."""
+    from .encoder import progress
+
+    out = {"interslice": {"mad": [], "nmad": [], "pearson": []}, "temporal": [], "cardiac": [], "kept": [],
+           "kept_raw": [], "masks": [], "names": []}
+    bar = progress(len(s), f"scan {s.arg}", quiet, "vol")
+    for i in range(len(s)):
+        item = s.load(i)
+        v01 = to_display01(item["image"], s.modality)
+        st = M.interslice(v01)
+        for k in out["interslice"]:
+            out["interslice"][k].append(st[k])
+        if s.is_cine:
+            out["temporal"].append({"name": item["name"], **{k: v for k, v in M.temporal(v01).items() if k != "steps"}})
+            labels4d = item["mask"] if item["mask"] is not None and item["mask"].ndim == 4 else None
+            if segmenter is not None and item["labels"] is None and labels4d is None:
+                labels4d = segmenter(item["image"], item["affine"])
+            cf = M.cardiac_function(_spacing(item["affine"]), lv_label, item["labels"], labels4d)
+            if cf is not None:
+                out["cardiac"].append({"name": item["name"], **cf})
+        if item["mask"] is not None:
+            out["masks"].append((i, item["name"]))
+        if len(out["kept"]) < keep:
+            out["kept"].append(M.shrink_for_ssim(v01))
+        if len(out["kept_raw"]) < 4:  # example pictures
+            out["kept_raw"].append((item["name"], item["image"], item["affine"]))
+        out["names"].append(item["name"])
+        bar.update(1)
+    bar.close()
+    for k in out["interslice"]:
+        out["interslice"][k] = np.concatenate(out["interslice"][k])
+    return out
+
+
+def _features(real: EvalSet, synthetic: EvalSet, features: str, encoder, cfg, quiet: bool, device="cpu") -> tuple:
+    """(real features, synthetic features, description, trained CopyEncoder or None)."""
+    from . import encoder as enc
+    from .features import PretrainedExtractor, parse_features
+
+    kind, path = parse_features(features)
+    if kind == "encoder":
+        trained = None
+        if encoder is None:
+            cfg = cfg or enc.EncoderConfig()
+            cfg.kind, cfg.modality = ("cine" if real.is_cine else "volume"), real.modality
+            if len(real) < 2:
+                raise EvalInputError(f"--real: need at least 2 volumes to train the feature encoder, found {len(real)}")
+            inputs = enc.load_inputs(real, cfg, quiet, "read --real")
+            encoder = trained = enc.train_encoder(inputs, cfg, quiet=quiet, device=device)
+            fr = enc.embed_inputs(encoder, inputs, features=True)
+            desc = "copy-detection encoder, pooled stage features (NT-Xent, trained here on --real)"
+        else:
+            want = "cine" if real.is_cine else "volume"
+            if encoder.cfg.kind != want or encoder.cfg.modality != real.modality:
+                raise EvalInputError(f"--encoder: trained on {encoder.cfg.modality.upper()} {encoder.cfg.kind} inputs, "
+                                     f"but --real holds {real.modality.upper()} {want} inputs")
+            fr = enc.embed_set(encoder, real, quiet=quiet, features=True)
+            desc = "copy-detection encoder, pooled stage features (loaded from --encoder)"
+        fs = enc.embed_set(encoder, synthetic, quiet=quiet, features=True)
+        return fr, fs, desc, trained
+    extractor = PretrainedExtractor(kind, path)
+
+    def run(s):
+        bar = enc.progress(len(s), f"features {s.arg}", quiet, "vol")
+        rows = []
+        for i in range(len(s)):
+            rows.append(extractor(to_display01(s.load(i)["image"], s.modality)))
+            bar.update(1)
+        bar.close()
+        return np.stack(rows)
+
+    return run(real), run(synthetic), extractor.name, None
+
+
+def _compare(real_vals, syn_vals) -> dict:
+    return {"real": M.describe(real_vals), "synthetic": M.describe(syn_vals),
+            "wasserstein": M.wasserstein_1d(real_vals, syn_vals)}
+
+
+def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder", encoder=None, cfg=None,
+                     max_pairs: int = 50, max_ms_ssim_volumes: int = 20, lv_label: int = 3, segmenter=None,
+                     quiet: bool = True, seed: int = 0, device="cpu") -> dict:
+    """All quality metrics of ``synthetic`` against ``real``; see the module docstrings.
+
+    features: "encoder" (default), "medicalnet:PATH" or "radimagenet:PATH".
+    encoder: a loaded CopyEncoder to use instead of training one on ``real``.
+    segmenter: optional callable (image, affine) -> 4D label map for cine without labels.
+    Returns the report dict; ``"_pictures"`` holds example volumes for the report and
+    ``"_model"`` the encoder trained here (or None).
+    """
+    check_compatible(real, synthetic)
+    syn_shape = same_shape(synthetic)
+    scan_r = _scan(real, quiet, max_ms_ssim_volumes, lv_label, segmenter)
+    scan_s = _scan(synthetic, quiet, max_ms_ssim_volumes, lv_label, segmenter)
+
+    report: dict = {"kind": "quality",
+                    "sets": {k: {"folder": str(x.root), "layout": x.layout, "n": len(x), "modality": x.modality,
+                                 "cine": x.is_cine} for k, x in (("real", real), ("synthetic", synthetic))},
+                    "synthetic_shape": list(syn_shape)}
+
+    # Diversity: pairs within each set; the real set's value is the reference.
+    div_s = M.ms_ssim_diversity(scan_s["kept"], max_pairs, seed)
+    try:
+        same_shape(real)
+        div_r = M.ms_ssim_diversity(scan_r["kept"], max_pairs, seed)
+    except EvalInputError as exc:
+        div_r = {"n_pairs": 0, "note": str(exc)}
+    report["ms_ssim_diversity"] = {
+        "synthetic": div_s, "real": div_r, "metric": "monai.metrics.MultiScaleSSIMMetric, data range 1",
+        "reading": "mean MS-SSIM over pairs within a set; lower = more diverse; near 1 = near-identical volumes",
+        "computed_on": ("2D slices (every slice and frame of a cine)" if synthetic.is_cine else "3D volumes")
+        + f", at most {max_ms_ssim_volumes} volumes and {max_pairs} pairs per set; volumes over 128 voxels along "
+        "an axis are average-pooled by an integer factor first"}
+
+    fr, fs, desc, trained = _features(real, synthetic, features, encoder, cfg, quiet, device)
+    fid_note = None
+    if fs.shape[0] < fs.shape[1] or fr.shape[0] < fr.shape[1]:
+        fid_note = (f"fewer volumes ({fr.shape[0]} real, {fs.shape[0]} synthetic) than feature dimensions "
+                    f"({fs.shape[1]}): the covariances are singular and FID is biased upwards; compare FIDs only "
+                    "between sets of equal size")
+    report["features"] = {"extractor": desc, "dims": int(fs.shape[1])}
+    report["fid"] = {"value": M.frechet_distance(fr, fs), "note": fid_note}
+    report["mmd"] = {**M.mmd_rbf(fr, fs), "kernel": "Gaussian, bandwidth = median pairwise distance (pooled)",
+                     "estimator": "unbiased MMD^2"}
+
+    report["inter_slice"] = {
+        k: _compare(scan_r["interslice"][k], scan_s["interslice"][k]) for k in ("mad", "nmad", "pearson")}
+    report["inter_slice"]["definition"] = ("adjacent slices along the third axis, intensities in [0, 1]: MAD = mean "
+                                           "|S_k - S_k+1|, NMAD = MAD / mean intensity of the two slices, Pearson r "
+                                           "of their voxels; wasserstein = 1-D W1 between the real and synthetic "
+                                           "distributions of all adjacent pairs")
+
+    if synthetic.is_cine:
+        tr = {k: np.array([t[k] for t in scan_r["temporal"]]) for k in ("step_mean", "closure", "closure_ratio")}
+        ts = {k: np.array([t[k] for t in scan_s["temporal"]]) for k in ("step_mean", "closure", "closure_ratio")}
+        report["temporal"] = {k: _compare(tr[k], ts[k]) for k in tr}
+        report["temporal"]["definition"] = ("frame-to-frame change = mean |F_t+1 - F_t| (intensities in [0, 1]) "
+                                            "averaged over the cycle; closure = mean |F_T-1 - F_0| (last frame "
+                                            "vs first); closure_ratio = closure / mean step, about 1 when the "
+                                            "cycle closes smoothly")
+        report["temporal"]["per_volume"] = {"real": scan_r["temporal"], "synthetic": scan_s["temporal"]}
+        cr, cs = scan_r["cardiac"], scan_s["cardiac"]
+        if cr or cs:
+            report["cardiac"] = {
+                k: _compare([c[k] for c in cr], [c[k] for c in cs]) for k in ("ef_percent", "edv_ml", "esv_ml")}
+            report["cardiac"]["lv_label"] = lv_label
+            report["cardiac"]["per_volume"] = {"real": cr, "synthetic": cs}
+            if not cs:
+                report["cardiac"]["note"] = "--synthetic has no labels: only the real distribution is shown"
+        else:
+            report["cardiac"] = {"note": "no LV labels in either set (ACDC ground truth or 4D masks needed)"}
+    else:
+        report["temporal"] = None
+        report["cardiac"] = None
+
+    report["mask_adherence"] = _mask_adherence(real, synthetic, scan_r, scan_s)
+    report["_pictures"] = {"real": scan_r["kept_raw"][:4], "synthetic": scan_s["kept_raw"][:4],
+                           "ms_ssim_values": {"real": div_r.get("values", []), "synthetic": div_s.get("values", [])},
+                           "interslice": {"real": scan_r["interslice"], "synthetic": scan_s["interslice"]},
+                           "cardiac": {"real": [c["ef_percent"] for c in scan_r["cardiac"]],
+                                       "synthetic": [c["ef_percent"] for c in scan_s["cardiac"]]}}
+    report["_model"] = trained
+    return report
+
+
+def _mask_adherence(real: EvalSet, synthetic: EvalSet, scan_r: dict, scan_s: dict) -> dict:
+    """Dice per structure between each synthetic volume's conditioning mask and an intensity
+    segmentation; the model of each structure's intensity is fitted on the real (image, mask)
+    pairs, and the same segmentation of the real volumes gives the reference Dice."""
+    if not scan_s["masks"]:
+        return {"note": "--synthetic has no conditioning masks (NAME_mask.nii.gz or masks/)"}
+    if not scan_r["masks"]:
+        return {"note": "--real has no masks: each structure's intensity cannot be learned"}
+    model = M.IntensityModel()
+    for i, _ in scan_r["masks"]:
+        item = real.load(i)
+        model.fit(to_display01(item["image"], real.modality), item["mask"])
+
+    def dice_all(s: EvalSet, entries) -> dict:
+        per = []
+        for i, name in entries:
+            item = s.load(i)
+            d = M.mask_adherence(to_display01(item["image"], s.modality), item["mask"], model)
+            per.append({"name": name, "dice": {str(k): v for k, v in d.items()}})
+        return per
+
+    syn, ref = dice_all(synthetic, scan_s["masks"]), dice_all(real, scan_r["masks"])
+
+    def per_label(rows):
+        labels = sorted({k for r in rows for k in r["dice"]}, key=int)
+        return {k: M.describe([r["dice"][k] for r in rows if k in r["dice"]]) for k in labels}
+
+    return {"synthetic": per_label(syn), "real_reference": per_label(ref), "per_volume": syn,
+            "intensity_model": {str(k): v for k, v in model.stats.items()},
+            "segmentation": (f"voxels within {model.radius} voxels of the structure in the mask whose [0, 1] "
+                             f"intensity is within {model.k} standard deviations of the structure's mean in the real "
+                             "set; real_reference = the same segmentation of the real volumes against their own masks "
+                             "(the best a perfect generator can reach)")}

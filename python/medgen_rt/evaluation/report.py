@@ -1,0 +1,462 @@
+"""Reports: ``report.json`` with every number, and ``report.html``, one self-contained page
+(inline CSS, pictures as base64 PNG) with the distributions, example slices and pairs.
+
+Plots are drawn with Pillow (already a dependency), so no plotting library is needed.
+Every file is written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..io.atomic import atomic_path
+from ..io.preview import to_ras
+from ..io.sidecar import to_jsonable, write_json_atomic
+
+__all__ = ["histogram", "volume_panel", "side_by_side", "data_uri", "save_png", "Html", "write_report",
+           "energy_section", "public_report", "render_memorization", "render_quality", "render_shared"]
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or not math.isfinite(v):
+        return "0" if v == 0 else str(v)
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
+
+
+def histogram(series: dict, title: str, xlabel: str, vline: Optional[float] = None, vlabel: str = "",
+              bins: int = 30, size: tuple = (640, 320), correlation: bool = False):
+    """Overlaid histograms (fraction of each series per bin, so sets of different sizes
+    compare) as a PIL image; ``vline`` draws a dashed vertical line (e.g. a threshold).
+    correlation=True: the values are correlations near 1, binned on a log scale of 1 - r
+    (ticks still read as r) so that 0.99 and 0.999 fall apart."""
+    from PIL import Image, ImageDraw
+
+    def tx(v):
+        return -np.log10(np.clip(1.0 - np.asarray(v, dtype=np.float64), 1e-6, None)) if correlation else v
+
+    data = {k: tx(np.asarray(v, dtype=np.float64).ravel()) for k, v in series.items()}
+    vline = None if vline is None else float(tx(vline))
+    data = {k: v[np.isfinite(v)] for k, v in data.items() if np.isfinite(v).any()}
+    w, h = size[0], size[1] + 14 * len(data)
+    left, right, top, bottom = 56, 16, 28 + 14 * len(data), 44
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img, "RGBA")
+    font = _font()
+    d.text((left, 8), title, fill="black", font=font)
+    if not data:
+        d.text((left, h // 2), "no values", fill="black", font=font)
+        return img
+    pooled = np.concatenate(list(data.values()) + ([np.array([vline])] if vline is not None else []))
+    lo, hi = float(pooled.min()), float(pooled.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.02 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    edges = np.linspace(lo, hi, bins + 1)
+    fracs = {k: np.histogram(v, bins=edges)[0] / max(1, v.size) for k, v in data.items()}
+    ymax = max(float(f.max()) for f in fracs.values()) or 1.0
+    pw, ph = w - left - right, h - top - bottom
+
+    def x_px(x):
+        return left + (x - lo) / (hi - lo) * pw
+
+    def y_px(y):
+        return top + ph - y / ymax * ph
+
+    d.rectangle([left, top, left + pw, top + ph], outline=(120, 120, 120))
+    for i, (k, f) in enumerate(fracs.items()):
+        c = COLORS[i % len(COLORS)]
+        for j, val in enumerate(f):
+            if val > 0:
+                d.rectangle([x_px(edges[j]), y_px(val), x_px(edges[j + 1]), y_px(0)], fill=c + (90,),
+                            outline=c + (200,))
+        # Legend above the plot, one line per series, so it never hides bars or the line.
+        d.rectangle([left, 24 + 14 * i, left + 10, 34 + 14 * i], fill=c)
+        d.text((left + 16, 23 + 14 * i), f"{k} (n={data[k].size})", fill="black", font=font)
+    for t in np.linspace(lo, hi, 6):
+        d.line([x_px(t), top + ph, x_px(t), top + ph + 4], fill="black")
+        label = f"{1 - 10 ** -t:.{min(7, max(2, int(math.ceil(t)) + 1))}f}" if correlation else _fmt(float(t))
+        d.text((x_px(t) - 12, top + ph + 6), label, fill="black", font=font)
+    for t in np.linspace(0, ymax, 5):
+        d.text((4, y_px(t) - 6), _fmt(float(t)), fill="black", font=font)
+    d.text((left + pw // 2 - 3 * len(xlabel), h - 16), xlabel, fill="black", font=font)
+    d.text((left + 4, top + 2), "fraction", fill=(90, 90, 90), font=font)
+    if vline is not None and math.isfinite(vline):
+        x = x_px(vline)
+        for y in range(top, top + ph, 8):
+            d.line([x, y, x, min(y + 4, top + ph)], fill=(0, 0, 0), width=2)
+        label = vlabel or _fmt(vline)
+        d.text((x + 4 if x < left + pw / 2 else x - 6 * len(label) - 4, top + 2), label, fill="black", font=font)
+    return img
+
+
+def _window(a: np.ndarray, modality: str) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if modality == "ct":
+        lo, hi = -1000.0, 1000.0
+    else:
+        lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))
+        hi = hi if hi > lo else lo + 1.0
+    return (np.clip((a - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _plane(a: np.ndarray, sx: float, sy: float, height: int):
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(a.T[::-1, ::-1]))  # radiological: right on the left, up = A/S
+    width = max(1, int(round(height * a.shape[0] * sx / max(a.shape[1] * sy, 1e-9))))
+    return im.resize((width, height), Image.BILINEAR)
+
+
+def _row(images: Sequence, gap: int = 3):
+    from PIL import Image
+
+    height = max(i.height for i in images)
+    canvas = Image.new("L", (sum(i.width for i in images) + gap * (len(images) - 1), height))
+    x = 0
+    for i in images:
+        canvas.paste(i, (x, 0))
+        x += i.width + gap
+    return canvas
+
+
+def volume_panel(volume: np.ndarray, affine: np.ndarray, modality: str, height: int = 128, frames: int = 4):
+    """3D: axial, coronal and sagittal mid-slices; cine: the mid slice at ``frames`` frames."""
+    vol = np.asarray(volume)
+    if vol.ndim == 3:
+        v, (sx, sy, sz) = to_ras(vol, affine)
+        g = _window(v, modality)
+        x, y, z = (s // 2 for s in g.shape)
+        return _row([_plane(g[:, :, z], sx, sy, height), _plane(g[:, y, :], sx, sz, height),
+                     _plane(g[x, :, :], sy, sz, height)])
+    a = np.asarray(affine, dtype=np.float64)
+    sp = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    # In-plane axes to R and A as the cine previews do; slices keep their stored order.
+    vol = vol[::-1] if a[0, 0] < 0 else vol
+    vol = vol[:, ::-1] if a[1, 1] < 0 else vol
+    g = _window(vol, modality)
+    z = g.shape[2] // 2
+    ts = np.unique(np.linspace(0, g.shape[3] - 1, min(frames, g.shape[3])).round().astype(int))
+    return _row([_plane(g[:, :, z, t], sp[0], sp[1], height) for t in ts])
+
+
+def side_by_side(left, right, caption: str, labels: tuple = ("synthetic", "training")):
+    """Two panels next to each other with a caption line and a label over each."""
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    head = 30
+    w = left.width + right.width + 12
+    canvas = Image.new("RGB", (w, max(left.height, right.height) + head), "white")
+    canvas.paste(left.convert("RGB"), (0, head))
+    canvas.paste(right.convert("RGB"), (left.width + 12, head))
+    d = ImageDraw.Draw(canvas)
+    d.text((2, 2), caption, fill="black", font=font)
+    d.text((2, 16), labels[0], fill=(31, 119, 180), font=font)
+    d.text((left.width + 14, 16), labels[1], fill=(214, 39, 40), font=font)
+    return canvas
+
+
+def data_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def save_png(image, path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    if v is None:
+        return "n/a"
+    return html.escape(str(v))
+
+
+class Html:
+    """A tiny builder for the self-contained report page."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.parts: list = []
+
+    def h2(self, text: str) -> "Html":
+        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+        return self
+
+    def p(self, text: str, cls: str = "") -> "Html":
+        self.parts.append(f"<p class='{cls}'>{html.escape(text)}</p>" if cls else f"<p>{html.escape(text)}</p>")
+        return self
+
+    def kv(self, items: Iterable) -> "Html":
+        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in items)
+        self.parts.append(f"<table class='kv'>{rows}</table>")
+        return self
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence], highlight: Optional[Sequence[bool]] = None,
+              limit: int = 500) -> "Html":
+        rows = list(rows)
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        body = []
+        for i, r in enumerate(rows[:limit]):
+            cls = " class='flag'" if highlight is not None and highlight[i] else ""
+            body.append(f"<tr{cls}>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>")
+        more = f"<p>{len(rows) - limit} more rows in report.json</p>" if len(rows) > limit else ""
+        self.parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>{more}")
+        return self
+
+    def image(self, image, alt: str) -> "Html":
+        self.parts.append(f"<figure><img src='{data_uri(image)}' alt='{html.escape(alt)}'>"
+                          f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        return self
+
+    def render(self) -> str:
+        css = ("body{font-family:sans-serif;max-width:1100px;margin:24px auto;color:#222}"
+               "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+               "text-align:left;font-size:13px}table.kv th{background:#f4f4f4}tr.flag td{background:#fde2e2}"
+               "figure{display:inline-block;margin:6px}figcaption{font-size:12px;color:#555}"
+               "p.big{font-size:20px}p.bad{color:#b00020;font-weight:bold}p.ok{color:#1b5e20;font-weight:bold}")
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{css}</style></head><body><h1>{html.escape(self.title)}</h1>"
+                + "\n".join(self.parts) + "</body></html>\n")
+
+
+def energy_section(page: Html, energy: Optional[dict]) -> None:
+    """The energy table of a report (training, sampling, per volume, driving distance)."""
+    if not energy:
+        return
+    page.h2("Energy and CO2")
+    t, s, tot = energy["training"], energy["sampling"], energy["total"]
+    rows = [("training", t["kwh"], t["kg_co2e"], t["driving_km"]),
+            ("sampling", s["kwh"], s["kg_co2e"], s["driving_km"]),
+            ("sampling per volume", s["per_volume"]["kwh"], s["per_volume"]["kg_co2e"], s["per_volume"]["driving_km"]),
+            ("total", tot["kwh"], tot["kg_co2e"], tot["driving_km"])]
+    page.table(["", "kWh", "kg CO2e", "driving equivalent (km)"], rows)
+    page.p(f"{s['n_volumes']} generated volume(s). Driving distance: kg CO2e / "
+           f"{energy['driving_factor_g_co2e_per_km']} g per km ({energy['driving_factor_source']}). "
+           f"Metering: {energy['metering']}.")
+
+
+def write_report(out_dir, report: dict, page: Html, pictures: Optional[dict] = None) -> dict:
+    """Write report.json, report.html and the pictures (name -> PIL image, saved as
+    out_dir/name) atomically; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, image in (pictures or {}).items():
+        written[name] = save_png(image, out / name)
+    # Pictures a previous report left in the same sub-folders would mislead: remove them.
+    for folder in {Path(n).parent for n in written if Path(n).parent != Path(".")}:
+        for old in (out / folder).glob("*.png"):
+            if str(old.relative_to(out)) not in written:
+                old.unlink(missing_ok=True)
+    written["json"] = write_json_atomic(out / "report.json", to_jsonable(report))
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(page.render(), encoding="utf-8")
+    written["html"] = out / "report.html"
+    return written
+
+
+# --------------------------------------------------------------------------- the two reports
+
+
+def public_report(report: dict) -> dict:
+    """The report without the in-memory entries (model, embeddings, pictures)."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def render_memorization(report: dict, sets: dict, top_k: int = 8, pictures_of_training: bool = True) -> tuple:
+    """(public report dict, Html page, pictures) of a copy-detection report.
+
+    sets: {"train": EvalSet, "synthetic": EvalSet} to draw the top pairs from.
+    pictures_of_training=False leaves every picture of a training volume out (the shared
+    report of ``medgen share``: training volumes are patient data).
+    """
+    rep = public_report(report)
+    page = Html("Copy detection (memorization) report")
+    verdict = "bad" if rep["n_copies"] else "ok"
+    page.p(f"{rep['n_copies']} of {len(rep['synthetic'])} synthetic volumes ({100 * rep['copy_share']:.1f}%) are "
+           f"copies of a training volume; {rep['n_memorized']} of {len(rep['train'])} training volumes "
+           f"({100 * rep['memorized_share']:.1f}%) are memorised.", verdict)
+    page.kv([("threshold (Pearson r)", rep["threshold"]), ("rule", rep["threshold_rule"]),
+             ("method", rep["method"])] + [(f"--{k} folder", f"{v['folder']} ({v['n']} volumes, {v['layout']} "
+                                            f"layout, {v['modality'].upper()}{', cine' if v['cine'] else ''})")
+                                           for k, v in rep["sets"].items()])
+    for note in rep.get("notes", []):
+        page.p("Note: " + note)
+    tv = [t["r_val"] for t in rep["train"]]
+    st = [s["r"] for s in rep["synthetic"]]
+    ts = [t["r"] for t in rep["train"]]
+    pictures = {}
+    hist = histogram({"training -> nearest validation": tv, "synthetic -> nearest training": st,
+                      "training -> nearest synthetic": ts}, "Pearson r of nearest neighbours",
+                     "Pearson r (log scale of 1 - r)", vline=rep["threshold"],
+                     vlabel=f"threshold {rep['threshold']:.4f}", correlation=True)
+    page.h2("Distributions")
+    page.image(hist, "Nearest-neighbour correlations; the threshold is the 95th percentile of the training -> "
+                     "validation ones")
+    pictures["correlations.png"] = hist
+    order = sorted(range(len(rep["synthetic"])), key=lambda i: -rep["synthetic"][i]["r"])
+    page.h2(f"Closest pairs (top {min(top_k, len(order))} synthetic volumes by correlation)")
+    if pictures_of_training:
+        train_index = {n: i for i, n in enumerate(sets["train"].names)}
+        for rank, i in enumerate(order[:top_k]):
+            s = rep["synthetic"][i]
+            syn = sets["synthetic"].load(i)
+            tr = sets["train"].load(train_index[s["nearest_train"]])
+            mod = sets["synthetic"].modality
+            img = side_by_side(volume_panel(syn["image"], syn["affine"], mod),
+                               volume_panel(tr["image"], tr["affine"], mod),
+                               f"{s['name']} vs {s['nearest_train']}: r = {s['r']:.4f}"
+                               + ("  COPY" if s["is_copy"] else ""),
+                               ("synthetic " + s["name"], "training " + s["nearest_train"]))
+            name = f"pairs/{rank + 1:02d}_{s['name']}__{s['nearest_train']}.png"
+            pictures[name] = img
+            s["picture"] = name
+            page.image(img, f"{s['name']} (synthetic) next to {s['nearest_train']} (training), r = {s['r']:.4f}")
+    else:
+        page.p("Pictures of the pairs are left out of this report: they would show training (patient) volumes. "
+               "Run `medgen eval memorization` for the full report.")
+    page.h2("Synthetic volumes")
+    page.table(["synthetic", "nearest training", "r", "copy"],
+               [(rep["synthetic"][i]["name"], rep["synthetic"][i]["nearest_train"], rep["synthetic"][i]["r"],
+                 rep["synthetic"][i]["is_copy"]) for i in order],
+               highlight=[rep["synthetic"][i]["is_copy"] for i in order])
+    page.h2("Training volumes")
+    t_order = sorted(range(len(rep["train"])), key=lambda i: -rep["train"][i]["r"])
+    page.table(["training", "nearest synthetic", "r", "memorised", "nearest validation", "r (validation)"],
+               [(rep["train"][i]["name"], rep["train"][i]["nearest_synthetic"], rep["train"][i]["r"],
+                 rep["train"][i]["is_memorized"], rep["train"][i]["nearest_val"], rep["train"][i]["r_val"])
+                for i in t_order], highlight=[rep["train"][i]["is_memorized"] for i in t_order])
+    page.h2("Encoder")
+    enc = rep["encoder"]
+    hist_ = enc["config"].get("history") or {}
+    page.kv([("trained here", enc["trained_here"]), ("input", enc["representation"]),
+             ("architecture", enc["architecture"]), ("loss", enc["loss"]), ("positive pairs", enc["positives"]),
+             ("training steps", hist_.get("steps")), ("loss first -> last",
+                                                       f"{hist_.get('loss_first')} -> {hist_.get('loss_last')}")])
+    energy_section(page, rep.get("energy"))
+    return rep, page, pictures
+
+
+def render_quality(report: dict, modality: str) -> tuple:
+    """(public report dict, Html page, pictures) of a quality report."""
+    rep = public_report(report)
+    pics = report.get("_pictures", {})
+    page = Html("Quality report")
+    div = rep["ms_ssim_diversity"]
+    rows = [("MS-SSIM diversity (synthetic, mean over pairs)", div["synthetic"].get("mean")),
+            ("MS-SSIM diversity (real, reference)", div["real"].get("mean")),
+            ("FID", rep["fid"]["value"]), ("MMD^2", rep["mmd"]["mmd2"]),
+            ("features", f"{rep['features']['extractor']}, {rep['features']['dims']} dims")]
+    for k in ("mad", "nmad", "pearson"):
+        rows.append((f"inter-slice {k.upper()}: real / synthetic mean, W1",
+                     f"{_cell(rep['inter_slice'][k]['real'].get('mean'))} / "
+                     f"{_cell(rep['inter_slice'][k]['synthetic'].get('mean'))}, "
+                     f"{_cell(rep['inter_slice'][k]['wasserstein'])}"))
+    page.kv([(f"--{k} folder", f"{v['folder']} ({v['n']} volumes)") for k, v in rep["sets"].items()] + rows)
+    if rep["fid"].get("note"):
+        page.p("FID: " + rep["fid"]["note"])
+    page.p("MS-SSIM diversity: " + div["reading"] + f" ({div['metric']}).")
+    page.p(f"MMD^2: {rep['mmd']['estimator']}, {rep['mmd']['kernel']} ({_cell(rep['mmd']['bandwidth'])}); near 0, "
+           "and possibly slightly negative, when both sets come from one distribution.")
+    page.p("Inter-slice consistency: " + rep["inter_slice"]["definition"] + ".")
+    pictures = {}
+
+    def add(name, img, caption):
+        pictures[name] = img
+        page.image(img, caption)
+
+    page.h2("Distributions")
+    ms = pics.get("ms_ssim_values", {})
+    add("ms_ssim.png", histogram({"real pairs": ms.get("real", []), "synthetic pairs": ms.get("synthetic", [])},
+                                 "MS-SSIM of pairs within a set (lower = more diverse)", "MS-SSIM"),
+        "MS-SSIM diversity: " + div["computed_on"])
+    isl = pics.get("interslice", {})
+    for k, label in (("mad", "MAD"), ("nmad", "NMAD"), ("pearson", "Pearson r")):
+        add(f"interslice_{k}.png", histogram({"real": isl.get("real", {}).get(k, []),
+                                              "synthetic": isl.get("synthetic", {}).get(k, [])},
+                                             f"adjacent slices: {label}", label),
+            f"Inter-slice {label}, W1 to real = {_cell(rep['inter_slice'][k]['wasserstein'])}")
+    if rep.get("temporal"):
+        t = rep["temporal"]["per_volume"]
+        add("temporal.png", histogram({"real": [v["step_mean"] for v in t["real"]],
+                                       "synthetic": [v["step_mean"] for v in t["synthetic"]]},
+                                      "mean frame-to-frame change", "mean |F_t+1 - F_t|"),
+            "Temporal smoothness: " + rep["temporal"]["definition"])
+        page.table(["", "real mean", "synthetic mean", "W1"],
+                   [(k, rep["temporal"][k]["real"].get("mean"), rep["temporal"][k]["synthetic"].get("mean"),
+                     rep["temporal"][k]["wasserstein"]) for k in ("step_mean", "closure", "closure_ratio")])
+    if rep.get("cardiac") and "ef_percent" in rep["cardiac"]:
+        c = pics.get("cardiac", {})
+        add("ejection_fraction.png", histogram({"real": c.get("real", []), "synthetic": c.get("synthetic", [])},
+                                               "ejection fraction", "EF (%)", bins=15),
+            "Cardiac function from LV labels")
+        page.table(["", "real mean", "synthetic mean", "W1"],
+                   [(k, rep["cardiac"][k]["real"].get("mean"), rep["cardiac"][k]["synthetic"].get("mean"),
+                     rep["cardiac"][k]["wasserstein"]) for k in ("ef_percent", "edv_ml", "esv_ml")])
+    elif rep.get("cardiac"):
+        page.p("Cardiac function: " + rep["cardiac"].get("note", ""))
+    page.h2("Mask adherence")
+    ma = rep["mask_adherence"]
+    if "synthetic" in ma:
+        labels = sorted(set(ma["synthetic"]) | set(ma["real_reference"]), key=int)
+        page.table(["label", "Dice synthetic (mean)", "n", "Dice real reference (mean)"],
+                   [(lab, ma["synthetic"].get(lab, {}).get("mean"), ma["synthetic"].get(lab, {}).get("n"),
+                     ma["real_reference"].get(lab, {}).get("mean")) for lab in labels])
+        page.p(ma["segmentation"])
+    else:
+        page.p(ma.get("note", ""))
+    page.h2("Example volumes")
+    for key in ("synthetic", "real"):
+        for name, image, affine in pics.get(key, []):
+            add(f"examples/{key}_{name}.png", volume_panel(image, affine, modality), f"{key}: {name}")
+    energy_section(page, rep.get("energy"))
+    return rep, page, pictures
+
+
+def render_shared(shared: dict, info: dict) -> Html:
+    """The page of the report ``medgen share`` puts beside the shared volumes: the numbers,
+    the correlation histogram and the decision; no pixels and no names of training volumes
+    (``shared`` is the output of ``share.redact``)."""
+    page = Html("Synthetic data sharing report")
+    cls = "bad" if info["decision"] == "refused" else "ok"
+    page.p(f"Decision: {info['decision']}. {shared['n_copies']} of {len(shared['synthetic'])} synthetic volumes "
+           f"({100 * shared['copy_share']:.1f}%) are copies of a training volume (limit "
+           f"{100 * info['max_copy_share']:.1f}%); {shared['n_memorized']} training volumes "
+           f"({100 * shared['memorized_share']:.1f}%) are memorised.", cls)
+    page.kv([("threshold (Pearson r)", shared["threshold"]), ("rule", shared["threshold_rule"]),
+             ("method", shared["method"]), ("forced", info["forced"]), ("shared volumes", len(info["shared"])),
+             ("withheld (copies)", ", ".join(info["withheld"]) or "none")])
+    page.image(histogram({"synthetic -> nearest training": [s["r"] for s in shared["synthetic"]]},
+                         "Pearson r of each synthetic volume with its nearest training volume",
+                         "Pearson r (log scale of 1 - r)", vline=shared["threshold"],
+                         vlabel=f"threshold {shared['threshold']:.4f}", correlation=True),
+               "Correlation with the nearest training volume")
+    page.table(["synthetic", "r to nearest training volume", "copy (withheld)"],
+               [(s["name"], s["r"], s["is_copy"]) for s in shared["synthetic"]],
+               highlight=[s["is_copy"] for s in shared["synthetic"]])
+    page.p(shared["redacted"])
+    energy_section(page, shared.get("energy"))
+    return page
