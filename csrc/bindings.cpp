@@ -56,6 +56,7 @@ void adaln_forward(const TensorDesc& x, const TensorDesc& shift, const TensorDes
                    const py::object& mean, const py::object& rstd, float eps, std::uintptr_t stream) {
   require_device(x, "adaln_modulate");
   check(x.dim() == 3, "x: expected a (B, N, C) tensor");
+  check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   check(C > 0, "x: C must be positive");
   check_rows(x, B, N, C, x.dtype, x.device, "x");
@@ -82,6 +83,7 @@ void adaln_backward(const TensorDesc& dy, const TensorDesc& x, const TensorDesc&
                     const TensorDesc& dshift_partial, std::uintptr_t stream) {
   require_device(x, "adaln_modulate backward");
   check(x.dim() == 3, "x: expected a (B, N, C) tensor");
+  check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   check_rows(x, B, N, C, x.dtype, x.device, "x");
   check_rows(dy, B, N, C, x.dtype, x.device, "dy");
@@ -114,6 +116,169 @@ void adaln_backward(const TensorDesc& dy, const TensorDesc& x, const TensorDesc&
   cpu::adaln_modulate_backward(a);
 }
 
+// ---- gated_residual -------------------------------------------------------------
+
+void gated_forward(const TensorDesc& x, const TensorDesc& gate, const TensorDesc& y, const TensorDesc& out,
+                   std::uintptr_t stream) {
+  require_device(x, "gated_residual");
+  check(x.dim() == 3, "x: expected a (B, N, C) tensor");
+  check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  check_rows(x, B, N, C, x.dtype, x.device, "x");
+  check_rows(y, B, N, C, x.dtype, x.device, "y");
+  check_rows(out, B, N, C, x.dtype, x.device, "out");
+  check_mod(gate, B, C, x.dtype, x.device, "gate");
+  GatedResidualArgs a{x.dtype, B, N, C,
+                      x.data<void>(), x.stride(0), x.stride(1),
+                      gate.data<void>(), gate.stride(0),
+                      y.data<void>(), y.stride(0), y.stride(1),
+                      out.data<void>(), out.stride(0), out.stride(1),
+                      x.device, stream};
+  if (B * N * C == 0) return;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (x.is_cuda()) return cuda::gated_residual_forward(a);
+#endif
+  cpu::gated_residual_forward(a);
+}
+
+void gated_backward(const TensorDesc& dout, const TensorDesc& gate, const TensorDesc& y, const py::object& dy_obj,
+                    const py::object& dgate_obj, std::uintptr_t stream) {
+  require_device(dout, "gated_residual backward");
+  check(dout.dim() == 3, "dout: expected a (B, N, C) tensor");
+  check(is_float(dout.dtype), "dout: must be float32, float16 or bfloat16");
+  const int64_t B = dout.size(0), N = dout.size(1), C = dout.size(2);
+  check_rows(dout, B, N, C, dout.dtype, dout.device, "dout");
+  check_rows(y, B, N, C, dout.dtype, dout.device, "y");
+  check_mod(gate, B, C, dout.dtype, dout.device, "gate");
+  void* dy = nullptr;
+  int64_t dy_sb = 0, dy_sn = 0;
+  if (!dy_obj.is_none()) {
+    const auto& t = dy_obj.cast<const TensorDesc&>();
+    check_rows(t, B, N, C, dout.dtype, dout.device, "dy");
+    dy = t.data<void>();
+    dy_sb = t.stride(0);
+    dy_sn = t.stride(1);
+  }
+  float* dgate = nullptr;
+  int64_t chunks = 1;
+  if (!dgate_obj.is_none()) {
+    const auto& t = dgate_obj.cast<const TensorDesc&>();
+    check(t.dim() == 3 && t.size(0) == B && t.size(2) == C, "dgate_partial: expected (B, n_chunks, C)");
+    chunks = t.size(1);
+    check(chunks >= 1, "dgate_partial: n_chunks must be >= 1");
+    check(t.dtype == DType::Float32, "dgate_partial: must be float32");
+    check(B * C == 0 || (t.stride(0) == chunks * C && t.stride(1) == C && t.stride(2) == 1),
+          "dgate_partial: must be contiguous");  // empty tensors carry arbitrary strides
+    check(t.device == dout.device, "dgate_partial: on a different device than dout");
+    dgate = t.data<float>();
+  }
+  if (B * C == 0 || (!dy && !dgate)) return;
+  GatedResidualBackwardArgs a{dout.dtype, B, N, C, chunks,
+                              dout.data<void>(), dout.stride(0), dout.stride(1),
+                              gate.data<void>(), gate.stride(0),
+                              y.data<void>(), y.stride(0), y.stride(1),
+                              dy, dy_sb, dy_sn, dgate, dout.device, stream};
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (dout.is_cuda()) return cuda::gated_residual_backward(a);
+#endif
+  cpu::gated_residual_backward(a);
+}
+
+// ---- vq_nearest -------------------------------------------------------------------
+
+void vq_nearest(const TensorDesc& z, const TensorDesc& cb_t, const TensorDesc& cb_sq, const TensorDesc& indices,
+                std::uintptr_t stream) {
+  require_device(z, "vq_nearest");
+  check(z.dim() == 2, "z: expected an (N, D) tensor");
+  check(is_float(z.dtype), "z: must be float32, float16 or bfloat16");
+  const int64_t N = z.size(0), D = z.size(1);
+  check(D > 0, "z: D must be positive");
+  check(cb_t.dim() == 2 && cb_t.size(0) == D, "cb_t: expected the (D, K) transposed codebook");
+  const int64_t K = cb_t.size(1);
+  check(K > 0, "cb_t: the codebook is empty");
+  check(K < (int64_t{1} << 31) - 8, "cb_t: at most 2^31 - 9 codebook entries");
+  // Strides of size-1 dimensions are free in torch; the kernels never step along those.
+  check(cb_t.dtype == DType::Float32 && (D == 1 || cb_t.stride(0) == K) && (K == 1 || cb_t.stride(1) == 1),
+        "cb_t: must be a contiguous float32 (D, K) tensor");
+  check_shape(cb_sq, {K}, "cb_sq");
+  check(cb_sq.dtype == DType::Float32 && (K == 1 || cb_sq.stride(0) == 1),
+        "cb_sq: must be a contiguous float32 (K,) tensor");
+  check_shape(indices, {N}, "indices");
+  check(indices.dtype == DType::Int64 && (N <= 1 || indices.stride(0) == 1),
+        "indices: must be a contiguous int64 (N,) tensor");
+  for (const auto* t : {&cb_t, &cb_sq, &indices}) check_same_device(z, *t, "cb_t/cb_sq/indices");
+  VQNearestArgs a{z.dtype, N, K, D, z.data<void>(), z.stride(0), z.stride(1),
+                  cb_t.data<float>(), cb_sq.data<float>(), indices.data<int64_t>(), z.device, stream};
+  if (N == 0) return;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (z.is_cuda()) return cuda::vq_nearest(a);
+#endif
+  cpu::vq_nearest(a);
+}
+
+// ---- tile_blend ---------------------------------------------------------------------
+
+// dst += weight * src over one box; src and weight optional, weight may broadcast
+// (zero strides). Size-1 dimensions are dropped and neighbours that are
+// contiguous in every operand merged, so kernels see few, long dimensions.
+void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py::object& w_obj,
+                      std::uintptr_t stream) {
+  require_device(dst, "tile_blend");
+  check(dst.dtype == DType::Float32, "dst: must be float32");
+  const TensorDesc* src = src_obj.is_none() ? nullptr : &src_obj.cast<const TensorDesc&>();
+  const TensorDesc* w = w_obj.is_none() ? nullptr : &w_obj.cast<const TensorDesc&>();
+  if (src) {
+    check_shape(*src, dst.shape, "src");
+    check(is_float(src->dtype), "src: must be float32, float16 or bfloat16");
+    check_same_device(dst, *src, "src");
+  }
+  if (w) {
+    check_shape(*w, dst.shape, "weight");
+    check(w->dtype == DType::Float32, "weight: must be float32");
+    check_same_device(dst, *w, "weight");
+  }
+  BlendArgs a{};
+  a.src_dtype = src ? src->dtype : DType::Float32;
+  a.dst = dst.data<float>();
+  a.src = src ? src->data<void>() : nullptr;
+  a.w = w ? w->data<float>() : nullptr;
+  a.device = dst.device;
+  a.stream = stream;
+  int nd = 0;
+  for (int64_t i = 0; i < dst.dim(); ++i) {
+    const int64_t n = dst.size(i);
+    if (n == 0) return;  // empty box: nothing to add
+    if (n == 1) continue;
+    const int64_t ds = dst.stride(i), ss = src ? src->stride(i) : 0, ws = w ? w->stride(i) : 0;
+    if (nd > 0 && a.dst_st[nd - 1] == ds * n && a.src_st[nd - 1] == ss * n && a.w_st[nd - 1] == ws * n) {
+      a.shape[nd - 1] *= n;  // merge with the previous dimension
+      a.dst_st[nd - 1] = ds;
+      a.src_st[nd - 1] = ss;
+      a.w_st[nd - 1] = ws;
+      continue;
+    }
+    check(nd < kMaxBlendDims, "tile_blend: too many non-mergeable dimensions (at most 8)");
+    a.shape[nd] = n;
+    a.dst_st[nd] = ds;
+    a.src_st[nd] = ss;
+    a.w_st[nd] = ws;
+    ++nd;
+  }
+  if (nd == 0) {  // a single element
+    a.shape[0] = 1;
+    nd = 1;
+  }
+  a.ndim = nd;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (dst.is_cuda()) return cuda::blend_accumulate(a);
+#endif
+  cpu::blend_accumulate(a);
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = MEDGEN_VERSION_INFO;
@@ -134,7 +299,7 @@ py::dict build_info() {
 #elif defined(__GNUC__)
   d["compiler"] = std::string("gcc ") + __VERSION__;
 #endif
-  d["ops"] = py::make_tuple("adaln_modulate");
+  d["ops"] = py::make_tuple("adaln_modulate", "gated_residual", "vq_nearest", "tile_blend");
   return d;
 }
 
@@ -192,4 +357,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("adaln_modulate_backward", &adaln_backward, py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("mean"),
         py::arg("rstd"), py::arg("dx"), py::arg("dscale_partial"), py::arg("dshift_partial"), py::arg("stream") = 0,
         "dx, and per-chunk partial sums of dscale/dshift over rows");
+  m.def("gated_residual_forward", &gated_forward, py::arg("x"), py::arg("gate"), py::arg("y"), py::arg("out"),
+        py::arg("stream") = 0, "out = x + gate[b] * y");
+  m.def("gated_residual_backward", &gated_backward, py::arg("dout"), py::arg("gate"), py::arg("y"), py::arg("dy"),
+        py::arg("dgate_partial"), py::arg("stream") = 0,
+        "dy = gate * dout (dy may be None); per-chunk partial sums of dout * y over rows (may be None)");
+  m.def("vq_nearest", &vq_nearest, py::arg("z"), py::arg("cb_t"), py::arg("cb_sq"), py::arg("indices"),
+        py::arg("stream") = 0, "indices[n] = argmin_k |c_k|^2 - 2 z_n.c_k (float32, ties to the lowest k)");
+  m.def("tile_blend_accumulate", &blend_accumulate, py::arg("dst"), py::arg("src"), py::arg("weight"),
+        py::arg("stream") = 0, "dst += weight * src in place (src, weight optional; weight may broadcast)");
 }

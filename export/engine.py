@@ -25,6 +25,7 @@ import numpy as np
 from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
 from medgen_rt.runtime.energy import EnergyMeter
 from medgen_rt.runtime.tiling import plan_tiles
+from medgen_rt.sampling.summary import finish_results, image_to_volume
 
 MANIFEST = "medgen_export.json"
 
@@ -258,7 +259,7 @@ class OnnxEngine:
     def sample(self, n: int = 1, seed: int = 0, steps: Optional[int] = None, sampler: Optional[str] = None,
                guidance: Optional[float] = None, masks=None, out=None, eta: float = 0.0, energy: bool = True,
                country: Optional[str] = None, quiet: bool = True, noise: Optional[np.ndarray] = None,
-               core: Optional[Sequence[int]] = None) -> list:
+               core: Optional[Sequence[int]] = None, quantize: bool = True) -> list:
         """Like medgen_rt.sample; noise (n, *latent) replaces the seeded initial noise
         (to compare with the torch runtime on the same start)."""
         m = self.manifest
@@ -301,16 +302,12 @@ class OnnxEngine:
             t1 = time.perf_counter()
             peak = {"denoise": _peak_rss_gb()}
             with meter.phase("decode"):
-                z = snap_to_codebook(z / np.float32(m["scale_factor"]), self.codebook)
+                z = z / np.float32(m["scale_factor"])
+                z = snap_to_codebook(z, self.codebook) if quantize else z
                 image = tiled_decode_numpy(self.decode, z, m, core)[0, 0]
             t2 = time.perf_counter()
             peak["decode"] = _peak_rss_gb()
-            if modality == "ct":
-                from medgen_rt.data.preprocess import unit_to_ct
-
-                volume = unit_to_ct(np.clip(image, -1.0, 1.0)).astype(np.float32)
-            else:
-                volume = ((np.clip(image, -1.0, 1.0) + 1.0) / 2.0).astype(np.float32)
+            volume = image_to_volume(image, modality)
             meta = {"model": str(self.folder), "kind": m["kind"], "seed": seed + i, "index": i, "sampler": sampler,
                     "steps": steps, "eta": eta, "guidance": guidance if m["conditional"] else None,
                     "timings_s": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
@@ -322,19 +319,7 @@ class OnnxEngine:
                 meta["mask"] = str(mask_items[i][0])
             results.append({"volume": volume, "affine": affine, "metadata": meta, "files": {},
                             "mask": mask_items[i][2] if mask_items else None})
-        report = meter.report(per=n)
-        for r in results:
-            r["metadata"]["energy"] = {"country": report["country"], "run_kwh": report["kwh"],
-                                       "run_kg_co2e": report["kg_co2e"], "per_volume": report.get("per_item"),
-                                       "phases": report["phases"], "tool": report["tool"]}
-            if out is not None:
-                from medgen_rt.io.outputs import write_generated
-
-                frame = float(geometry.get("frame_duration") or 0) or None
-                r["files"] = write_generated(out, f"sample_{r['metadata']['index']:03d}", r["volume"], affine,
-                                             "ct" if modality == "ct" else "cmr", r["metadata"], mask=r["mask"],
-                                             frame_duration=frame)
-        return results
+        return finish_results(results, meter.report(per=n), out, modality, geometry)
 
     def _masks(self, masks, n: int) -> list:
         from medgen_rt.io import is_nifti_path, read_volume

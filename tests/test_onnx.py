@@ -116,12 +116,19 @@ def test_exported_default_models_match_pytorch(exported):
 
 
 def test_onnx_sampling_matches_the_torch_runtime(exported, tmp_path):
-    ref = medgen_rt.sample("default", n=2, seed=11, steps=6, energy=False)
     noise = np.concatenate([torch.randn((1, 8, 8, 24, 24, 4), generator=torch.Generator().manual_seed(11 + i)).numpy()
                             for i in range(2)])
-    got = OnnxEngine(exported).sample(n=2, steps=6, noise=noise, energy=False)
+    # the continuous path: the same volume within 1e-3
+    ref = medgen_rt.sample("default", n=2, seed=11, steps=6, energy=False, quantize=False)
+    got = OnnxEngine(exported).sample(n=2, steps=6, noise=noise, energy=False, quantize=False)
     for r, g in zip(ref, got):
         assert np.abs(r["volume"] - g["volume"]).max() < 1e-3
+    # snapped to the codebook (the default): a latent vector within rounding of two entries may
+    # snap differently (the engines' distances round differently), changing only its own patch
+    ref = medgen_rt.sample("default", n=2, seed=11, steps=6, energy=False)
+    got = OnnxEngine(exported).sample(n=2, steps=6, noise=noise, energy=False)
+    for r, g in zip(ref, got):
+        assert np.mean(np.abs(r["volume"] - g["volume"]) < 1e-3) > 0.995
     # the public API with engine="onnx" (its own numpy noise), files as from the torch runtime
     made = medgen_rt.sample(str(exported), n=1, steps=3, engine="onnx", energy=False, out=tmp_path)
     assert made[0]["volume"].shape == (96, 96, 8, 16)
@@ -156,10 +163,10 @@ def test_conditioned_ct_models_export_and_sample(ct_runs, tmp_path):
         _close(got, want, kind)
         # the whole guided sampling run, same noise as the torch runtime's
         ref = medgen_rt.sample(str(ct_runs / kind), n=1, seed=2, steps=4, guidance=2.0,
-                               masks=str(tmp_path / "mask.nii.gz"), energy=False)
+                               masks=str(tmp_path / "mask.nii.gz"), energy=False, quantize=False)
         noise = torch.randn((1, 8, 8, 8, 4), generator=torch.Generator().manual_seed(2)).numpy()
         res = OnnxEngine(out).sample(n=1, steps=4, guidance=2.0, masks=str(tmp_path / "mask.nii.gz"),
-                                     noise=noise, energy=False, out=tmp_path / f"s-{kind}")
+                                     noise=noise, energy=False, out=tmp_path / f"s-{kind}", quantize=False)
         assert np.abs(res[0]["volume"] - ref[0]["volume"]).max() < 1e-3 * 1000  # HU: 1e-3 of the [-1, 1] scale
         assert (tmp_path / f"s-{kind}" / "sample_000_mask.nii.gz").is_file()
         bad = np.zeros((16, 16, 8), dtype=np.int16)

@@ -61,11 +61,11 @@ def test_vq_nearest_chunking_is_invisible_and_bounded(monkeypatch):
     full_idx, full_q = vq_nearest_reference(z, cb, chunk_elements=1 << 30)  # one block
     assert max(sizes) == 5003 * 300
     sizes.clear()
-    idx, q = ops.vq_nearest(z, cb, chunk_elements=1000)  # 3 rows x 300 per block
+    idx, q = ops.vq_nearest(z, cb, chunk_elements=1000, backend="reference")  # 3 rows x 300 per block
     assert max(sizes) <= 1000
     assert torch.equal(idx, full_idx) and torch.equal(q, full_q)
     sizes.clear()
-    idx_t, _ = ops.vq_nearest(z[:400], cb, chunk_elements=100)  # K > budget: codebook tiled too
+    idx_t, _ = ops.vq_nearest(z[:400], cb, chunk_elements=100, backend="reference")  # K > budget: tiled too
     assert max(sizes) <= 100
     assert torch.equal(idx_t, full_idx[:400])
     assert full_idx[7] == 1 and idx_t[7] == 1

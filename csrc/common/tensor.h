@@ -10,13 +10,17 @@
 
 namespace medgen {
 
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+// Int64 only for index outputs (vq_nearest); kernels' value tensors are the three float types.
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Int64 = 3 };
+
+inline bool is_float(DType d) { return d != DType::Int64; }
 
 inline const char* dtype_name(DType d) {
   switch (d) {
     case DType::Float32: return "float32";
     case DType::Float16: return "float16";
     case DType::BFloat16: return "bfloat16";
+    case DType::Int64: return "int64";
   }
   return "?";
 }
@@ -25,7 +29,8 @@ inline DType dtype_from_name(const std::string& s) {
   if (s == "float32") return DType::Float32;
   if (s == "float16") return DType::Float16;
   if (s == "bfloat16") return DType::BFloat16;
-  throw std::invalid_argument("unsupported dtype '" + s + "' (expected float32, float16 or bfloat16)");
+  if (s == "int64") return DType::Int64;
+  throw std::invalid_argument("unsupported dtype '" + s + "' (expected float32, float16, bfloat16 or int64)");
 }
 
 struct TensorDesc {

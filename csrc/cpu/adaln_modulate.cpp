@@ -33,9 +33,10 @@ inline void store_row(const float* src, T* dst, int64_t n) {
 // Row kernels on float32 rows. Reductions keep kLanes independent partial sums:
 // with a single accumulator the loop is bound by the add latency, not by loads.
 // On x86-64 GCC builds an AVX2+FMA clone beside the baseline one and picks at
-// load time, so one wheel runs everywhere and uses wide vectors where present.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MEDGEN_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// load time by CPU features (x86-64-v3; "arch=haswell" would be picked only on a
+// Haswell CPU model), so one wheel runs everywhere and uses wide vectors where present.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define MEDGEN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MEDGEN_CPU_CLONES
 #endif

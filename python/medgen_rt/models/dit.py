@@ -123,8 +123,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
         self.drop = nn.Dropout(dropout)
 
+    def hidden(self, x):
+        """Everything before fc2 (the block fuses fc2 into its gated residual)."""
+        return self.drop(self.act(self.fc1(x)))
+
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.hidden(x)))
 
 
 class Attention(nn.Module):
@@ -142,14 +146,19 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+        """Everything before the output projection: (B, N, C) heads concatenated
+        (the block fuses proj into its gated residual)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim): attention runs over N
         # qk-norm runs inside the op (fused into the kernel), from these modules' parameters.
         out = ops.attention(q, k, v, rope, self.dropout if self.training else 0.0,
                             q_norm=self._norm_args(self.q_norm), k_norm=self._norm_args(self.k_norm))
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return out.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend(x, rope)))
 
     @staticmethod
     def _norm_args(norm: nn.Module) -> Optional[tuple]:
@@ -173,9 +182,16 @@ class DiTBlock(nn.Module):
         h = ops.adaln_modulate(x, shift_msa, scale_msa)
         if control is not None:  # TGCA: control tokens join the attention input, gate and scale intact
             h = h + control.to(h.dtype)
-        x = ops.gated_residual(x, gate_msa, self.attn(h, rope))
+        x = self._gated_projection(x, gate_msa, self.attn.attend(h, rope), self.attn.proj, self.attn.proj_drop)
         h = ops.adaln_modulate(x, shift_mlp, scale_mlp)
-        return ops.gated_residual(x, gate_mlp, self.mlp(h))
+        return self._gated_projection(x, gate_mlp, self.mlp.hidden(h), self.mlp.fc2, self.mlp.drop)
+
+    def _gated_projection(self, x, gate, h, linear: nn.Linear, dropout: nn.Dropout) -> torch.Tensor:
+        """x + gate * dropout(linear(h)); without active dropout one fused op, whose GEMM
+        epilogue adds the residual so the projection is never written out."""
+        if self.training and dropout.p > 0:
+            return ops.gated_residual(x, gate, dropout(linear(h)))
+        return ops.linear_gated_residual(x, gate, h, linear.weight, linear.bias)
 
 
 class FinalLayer(nn.Module):

@@ -21,6 +21,7 @@ from medgen_rt.ops.registry import (
 from medgen_rt.ops.adaln import adaln_modulate  # noqa: E402
 from medgen_rt.ops.attention import attention  # noqa: E402
 from medgen_rt.ops.gated_residual import gated_residual  # noqa: E402
+from medgen_rt.ops.linear_gated_residual import linear_gated_residual  # noqa: E402
 from medgen_rt.ops.patch_embed import patch_embed, unpatchify  # noqa: E402
 from medgen_rt.ops.tile_blend import tile_blend, tile_normalize  # noqa: E402
 from medgen_rt.ops.vq import vq_nearest  # noqa: E402
@@ -28,5 +29,5 @@ from medgen_rt.ops.vq import vq_nearest  # noqa: E402
 __all__ = [
     "ENV_VAR", "KNOWN_BACKENDS", "Backend", "BackendUnavailableError", "Op",
     "get_op", "list_ops", "register_op", "adaln_modulate", "attention", "gated_residual",
-    "patch_embed", "unpatchify", "vq_nearest", "tile_blend", "tile_normalize",
+    "patch_embed", "unpatchify", "vq_nearest", "tile_blend", "tile_normalize", "linear_gated_residual",
 ]

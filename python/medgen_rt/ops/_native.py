@@ -13,6 +13,8 @@ import torch
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 NATIVE_DTYPES = frozenset(_DTYPE_NAMES)
+# Index outputs (vq_nearest's indices) only; kernels take values in NATIVE_DTYPES.
+_INDEX_DTYPE_NAMES = {torch.int64: "int64"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,9 +53,9 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 
 def describe(t: torch.Tensor):
     """TensorDesc for a tensor: pointer, shape, strides in elements, dtype, device."""
-    dtype = _DTYPE_NAMES.get(t.dtype)
+    dtype = _DTYPE_NAMES.get(t.dtype) or _INDEX_DTYPE_NAMES.get(t.dtype)
     if dtype is None:
-        raise TypeError(f"native kernels take float32, float16 or bfloat16 tensors, got {t.dtype}")
+        raise TypeError(f"native kernels take float32, float16 or bfloat16 tensors (int64 for indices), got {t.dtype}")
     device = t.device.index if t.device.type == "cuda" else -1
     if device is None:  # "cuda" without an index
         device = torch.cuda.current_device()

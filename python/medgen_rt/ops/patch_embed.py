@@ -10,7 +10,7 @@ published 3D DiT) and the einops order "(c pz ph pw pt)" (the published 4D DiT).
 unpatchify scatters the final layer's output back:
     tokens (B, N, prod(p) * C_out), laid out (p1, p2, ..., C_out)  ->  (B, C_out, *S)
 
-Reference implementations only for now; fast kernels come with the kernels issue.
+Backends: reference (this file), triton (kernels/patch_embed.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from medgen_rt.ops.registry import register_op
+from medgen_rt.ops.registry import Backend, register_op
 
 
 def grid_shape(spatial: Sequence[int], patch: Sequence[int]) -> tuple:
@@ -91,5 +91,63 @@ def check_unpatchify(tokens, grid, patch_size, out_channels):
         raise ValueError(f"unpatchify: tokens must be (B, {want[0]}, {want[1]}), got {tuple(tokens.shape)}")
 
 
+# ---- triton backend (kernels/patch_embed.py) -----------------------------------------
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_MAX_SPATIAL = 4
+
+
+def _triton_unavailable(device_type: str):
+    from medgen_rt.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
+def _triton_patch_embed_supports(x, weight, bias, patch_size, pos_embed=None):
+    if len(patch_size) > _TRITON_MAX_SPATIAL:
+        return f"the Triton kernel takes at most {_TRITON_MAX_SPATIAL} spatial axes"
+    if x.dtype not in _TRITON_DTYPES:
+        return "the Triton kernel takes float32, float16 or bfloat16 inputs"
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return "x, weight and bias must share a dtype"
+    if any(t is not None and t.device != x.device for t in (weight, bias, pos_embed)):
+        return "x, weight, bias and pos_embed must be on one device"
+    if pos_embed is not None and any(n != 1 for n in pos_embed.shape[:-2]):
+        return "the Triton kernel adds one (N, hidden) positional embedding to every sample"
+    return None
+
+
+def patch_embed_triton(x, weight, bias, patch_size, pos_embed=None):
+    from medgen_rt.kernels.patch_embed import patch_embed as kernel
+
+    if pos_embed is not None:
+        # As the reference: the embedding rounded to the tokens' dtype. A view/cast outside
+        # the kernel's Function, so autograd maps the (N, hidden) grad back to its shape.
+        pos_embed = pos_embed.to(x.dtype).reshape(pos_embed.shape[-2:])
+        pos_embed = pos_embed if pos_embed.stride(-1) == 1 else pos_embed.contiguous()
+    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
+    return kernel(x, weight, bias, tuple(patch_size), pos_embed)
+
+
+def _triton_unpatchify_supports(tokens, grid, patch_size, out_channels):
+    if len(patch_size) > _TRITON_MAX_SPATIAL:
+        return f"the Triton kernel takes at most {_TRITON_MAX_SPATIAL} spatial axes"
+    if tokens.dtype not in _TRITON_DTYPES:
+        return "the Triton kernel takes float32, float16 or bfloat16 tokens"
+    return None
+
+
+def unpatchify_triton(tokens, grid, patch_size, out_channels):
+    from medgen_rt.kernels.patch_embed import unpatchify as kernel
+
+    return kernel(tokens, grid, patch_size, out_channels)
+
+
 patch_embed = register_op("patch_embed", patch_embed_reference, check_args=check_patch_embed)
 unpatchify = register_op("unpatchify", unpatchify_reference, check_args=check_unpatchify)
+for _op, _fn, _supports in ((patch_embed, patch_embed_triton, _triton_patch_embed_supports),
+                            (unpatchify, unpatchify_triton, _triton_unpatchify_supports)):
+    _op.register(Backend(
+        name="triton", fn=_fn, devices=frozenset({"cpu", "cuda"}),
+        # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
+        default_on=frozenset({"cuda"}), priority=2, is_available=_triton_unavailable, supports=_supports))

@@ -10,7 +10,7 @@ final normalisation by the accumulated weights.
         tile (B, C, *s) with s the region's size, weight None (= 1) or (*s)
     tile_normalize(out, weight_sum)   in place: out /= weight_sum (where > 0)
 
-Reference implementations; fast kernels come with the kernels issue.
+tile_blend backends: reference (this file), native (csrc/cpu, csrc/cuda; no temporaries).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from medgen_rt.ops.registry import register_op
 def tile_blend_reference(out: torch.Tensor, weight_sum: torch.Tensor, tile: torch.Tensor, region: tuple,
                          weight: Optional[torch.Tensor] = None) -> None:
     index = (slice(None), slice(None)) + tuple(region)
-    tile = tile.to(device=out.device, dtype=out.dtype, non_blocking=True)
+    # non-blocking only towards a GPU: a GPU->CPU copy must be finished before the add reads it
+    tile = tile.to(device=out.device, dtype=out.dtype, non_blocking=out.device.type == "cuda")
     if weight is None:
         out[index] += tile
         if weight_sum is not None:
@@ -59,5 +60,102 @@ def check_tile_normalize(out, weight_sum):
         raise ValueError(f"tile_normalize: weight_sum must be {tuple(out.shape[2:])}, got {tuple(weight_sum.shape)}")
 
 
+# ---- native backend (csrc/cpu/tile_blend.cpp, csrc/cuda/tile_blend.cu) -------------------
+
+from medgen_rt.ops import _native  # noqa: E402
+from medgen_rt.ops.registry import Backend as _NativeBackend  # noqa: E402
+
+
+def _native_blend_supports(out, weight_sum, tile, region, weight=None):
+    if out.dtype != torch.float32:
+        return "the native kernels accumulate into float32 outputs only"
+    if weight_sum is not None and (weight_sum.dtype != torch.float32 or weight_sum.device != out.device):
+        return "weight_sum must be float32 on out's device"
+    if tile.dtype not in _native.NATIVE_DTYPES:
+        return "the native kernels take float32, float16 or bfloat16 tiles"
+    if weight is not None and not weight.is_floating_point():
+        return "weight must be a floating-point tensor"
+    if any(s.step not in (None, 1) for s in region):
+        return "regions with a step are left to the reference"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, weight_sum, tile, weight)):
+        return "the native kernels write through raw pointers, invisible to autograd"
+    if out[(slice(None), slice(None)) + tuple(region)].shape != tile.shape:
+        return "the region does not lie inside out"  # the reference raises the matching error
+    return None
+
+
+def tile_blend_native(out, weight_sum, tile, region, weight=None) -> None:
+    region = tuple(region)
+    if tile.device != out.device:
+        # A pinned CPU output with the tile on the GPU (or the reverse): move the tile
+        # first, as the reference does, but synchronously towards the host, where the
+        # CPU kernel reads it at once.
+        tile = tile.to(out.device, non_blocking=out.device.type == "cuda")
+    if weight is not None:
+        weight = weight.to(device=out.device, dtype=torch.float32)
+    d = _native.describe
+    module = _native.native_module()
+    stream = _native.stream_handle(out)
+    dst = out[(slice(None), slice(None)) + region]
+    # (*s) weight broadcast over batch and channels through zero strides, no copy.
+    w = None if weight is None else d(weight.expand(tile.shape))
+    module.tile_blend_accumulate(d(dst), d(tile), w, stream)
+    if weight_sum is not None:
+        module.tile_blend_accumulate(d(weight_sum[region]), None, None if weight is None else d(weight), stream)
+
+
 tile_blend = register_op("tile_blend", tile_blend_reference, check_args=check_tile_blend)
+tile_blend.register(_NativeBackend(
+    name="native", fn=tile_blend_native, devices=frozenset({"cpu", "cuda"}),
+    default_on=frozenset({"cpu", "cuda"}), priority=1,
+    is_available=_native.unavailable_reason, supports=_native_blend_supports))
+
+
+# ---- triton backend (kernels/tile_blend.py) --------------------------------------------
+
+from medgen_rt.ops.registry import Backend  # noqa: E402
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_unavailable(device_type: str):
+    from medgen_rt.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
+def _triton_blend_supports(out, weight_sum, tile, region, weight=None):
+    from medgen_rt.kernels.tile_blend import layout
+
+    if any(t is not None and t.device != out.device for t in (weight_sum, tile, weight)):
+        # e.g. a pinned CPU output with the tile on the GPU: the reference copies the tile over.
+        return "out, weight_sum, tile and weight must be on one device"
+    if out.dtype != torch.float32 or (weight_sum is not None and weight_sum.dtype != torch.float32):
+        return "the Triton kernel accumulates into float32 out and weight_sum only"
+    if tile.dtype not in _TRITON_DTYPES or (weight is not None and weight.dtype not in _TRITON_DTYPES):
+        return "the Triton kernel takes float32, float16 or bfloat16 tiles and weights"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, weight_sum, tile, weight)):
+        return "the Triton kernel writes in place, invisible to autograd"
+    index = (slice(None), slice(None)) + tuple(region)
+    if any(s.step not in (None, 1) for s in region) or out[index].shape != tile.shape:
+        return "the region must be a step-1 box inside out"  # the reference raises on a bad one
+    if layout(out[index], tile, weight) is None:
+        from medgen_rt.kernels.tile_blend import MAX_DIMS
+
+        return f"more than {MAX_DIMS} axes remain after merging contiguous ones"
+    return None
+
+
+def tile_blend_triton(out, weight_sum, tile, region, weight=None) -> None:
+    from medgen_rt.kernels.tile_blend import tile_blend as kernel
+
+    kernel(out, weight_sum, tile, region, weight)
+
+
+tile_blend.register(Backend(
+    name="triton", fn=tile_blend_triton, devices=frozenset({"cpu", "cuda"}),
+    # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
+    default_on=frozenset({"cuda"}), priority=2,
+    is_available=_triton_unavailable, supports=_triton_blend_supports))
+
 tile_normalize = register_op("tile_normalize", tile_normalize_reference, check_args=check_tile_normalize)

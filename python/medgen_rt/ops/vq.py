@@ -17,8 +17,11 @@ The op has no gradient: the codebook of the VQ-GAN is learned by EMA and the
 encoder gets its gradient through the straight-through estimator in
 :class:`medgen_rt.models.vqgan.EMACodebook`. Outputs are detached.
 
-Backends: reference (this file). Triton and native backends come later; they
-must return identical indices (the harness compares integer outputs exactly).
+Backends: reference (this file), native (csrc/cpu, csrc/cuda), triton (kernels/); they
+must return identical indices (the harness compares integer outputs exactly). The
+native kernels accumulate z.c in the order d = 0..D-1 with fused multiply-adds, which
+is what MKL's sgemm does for the reference's blocks, so their distances are the
+reference's bit for bit on such CPUs; rows whose distances overflow float32 may differ.
 """
 from __future__ import annotations
 
@@ -84,4 +87,61 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, chunk_elements
     return indices, quantized
 
 
+# ---- native backend (csrc/cpu/vq_nearest.cpp, csrc/cuda/vq_nearest.cu) -------------------
+
+from medgen_rt.ops import _native  # noqa: E402
+from medgen_rt.ops.registry import Backend as _NativeBackend  # noqa: E402
+
+_NATIVE_CUDA_MAX_D = 256  # csrc/cuda/vq_nearest.cu keeps a row of z in a per-thread array
+
+
+def _native_supports(z, codebook, chunk_elements=None):
+    if z.device.type == "cuda" and z.shape[1] > _NATIVE_CUDA_MAX_D:
+        return f"the CUDA kernel takes vectors of at most {_NATIVE_CUDA_MAX_D} dimensions"
+    if codebook.shape[0] >= 2**31 - 8:
+        return "the native kernels index the codebook with 32-bit integers"
+    return None
+
+
+@torch.no_grad()
+def vq_nearest_native(z, codebook, chunk_elements=None):
+    # chunk_elements bounds the reference's distance blocks; the kernels keep one
+    # distance per (row, codebook lane) alive, so there is nothing to bound.
+    cb = codebook.detach().float()
+    # |c|^2 by the reference's own expression, so the distances agree bit for bit.
+    cb_sq = (cb * cb).sum(dim=1).contiguous()
+    cb_t = cb.t().contiguous()  # (D, K): consecutive codebook entries of one dimension are adjacent
+    indices = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    d = _native.describe
+    _native.native_module().vq_nearest(d(z.detach()), d(cb_t), d(cb_sq), d(indices), _native.stream_handle(z))
+    quantized = codebook.detach()[indices].to(z.dtype)
+    return indices, quantized
+
+
+# ---- triton backend (kernels/vq_nearest.py) ------------------------------------------
+
+from medgen_rt.ops.registry import Backend  # noqa: E402
+
+
+def _triton_unavailable(device_type: str):
+    from medgen_rt.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason(device_type)
+
+
+def vq_nearest_triton(z, codebook, chunk_elements=None):
+    from medgen_rt.kernels.vq_nearest import vq_nearest as kernel
+
+    # chunk_elements bounds the reference's distance blocks; the kernel keeps its tiles in registers.
+    return kernel(z, codebook)
+
+
 vq_nearest = register_op("vq_nearest", vq_nearest_reference, check_args=check_args)
+vq_nearest.register(_NativeBackend(
+    name="native", fn=vq_nearest_native, devices=frozenset({"cpu", "cuda"}),
+    default_on=frozenset({"cpu", "cuda"}), priority=1,
+    is_available=_native.unavailable_reason, supports=_native_supports))
+vq_nearest.register(Backend(
+    name="triton", fn=vq_nearest_triton, devices=frozenset({"cpu", "cuda"}),
+    # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
+    default_on=frozenset({"cuda"}), priority=2, is_available=_triton_unavailable))

@@ -139,7 +139,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
            sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
            energy: bool = True, country: Optional[str] = None, quiet: bool = True,
-           indices: Optional[list] = None) -> list:
+           indices: Optional[list] = None, quantize: bool = True) -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
     volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
@@ -147,6 +147,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     max_vram ("8GB", bytes): plan the denoiser batch and the decode chunk to fit it
     (see medgen_rt.sampling.planner); the plan is in every sidecar. indices: which of
     the n volumes this process makes (several GPUs: see medgen_rt.sample).
+    quantize: snap generated latents to the nearest codebook entries before decoding,
+    as the published samplers do (False decodes the continuous latent).
     engine="onnx": `model` is a `medgen export onnx` folder, run by onnxruntime
     without PyTorch (medgen_rt.export.engine); its initial noise comes from numpy,
     so a seed gives other volumes than the torch runtime's.
@@ -154,6 +156,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     from medgen_rt.models import load_model
     from medgen_rt.runtime.device import pick_device
     from medgen_rt.sampling.planner import plan_sampling
+    from medgen_rt.sampling.summary import finish_results, image_to_volume
 
     if engine == "onnx":
         from medgen_rt.export.engine import OnnxEngine
@@ -162,7 +165,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             raise ValueError("engine 'onnx': max_vram and indices belong to the torch runtime")
         return OnnxEngine(model, device=device or "auto").sample(
             n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, masks=masks, out=out, eta=eta,
-            energy=energy, country=country, quiet=quiet)
+            energy=energy, country=country, quiet=quiet, quantize=quantize)
     if engine != "torch":
         raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
     if n < 1:
@@ -266,7 +269,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         t1 = time.perf_counter()
         with meter.phase("decode"):
             # snapped to the nearest codebook entries first, as the published samplers decode
-            z = vae.quantizer.lookup(latents.pop(i).to(dev))[1]
+            z = latents.pop(i).to(dev)
+            z = vae.quantizer.lookup(z)[1] if quantize else z
             image = decode_latent(vae, z, plan.decode_chunk, axis=plan.decode_axis,
                                   progress=(lambda k, total: (setattr(tile_bar, "total", total),
                                                               tile_bar.update(k - tile_bar.n)))
@@ -276,12 +280,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             tile_bar.close()
         meta[i]["timings_s"]["decode"] = round(time.perf_counter() - t1, 3)
         meta[i]["peak_memory_gb"]["decode"] = _peak_memory(dev)
-        if modality == "ct":
-            from medgen_rt.data.preprocess import unit_to_ct
-
-            volume = unit_to_ct(np.clip(image, -1.0, 1.0)).astype(np.float32)
-        else:
-            volume = ((np.clip(image, -1.0, 1.0) + 1.0) / 2.0).astype(np.float32)
+        volume = image_to_volume(image, modality)
         entry = {"model": str(denoiser_dir), "vae": str(vae_dir), "kind": info["kind"],
                  "preset": model if model in ("default", DEFAULT_MODEL) else None, "seed": seed + i, "index": i,
                  "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
@@ -290,19 +289,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             entry["mask"] = str(mask_items[i][0])
         results.append({"volume": volume, "affine": affine, "metadata": entry, "files": {},
                         "mask": mask_items[i][2] if conditional else None})
-    report = meter.report(per=len(indices))
-    for r in results:
-        r["metadata"]["energy"] = {"country": report["country"], "run_kwh": report["kwh"],
-                                   "run_kg_co2e": report["kg_co2e"], "per_volume": report.get("per_item"),
-                                   "phases": report["phases"], "tool": report["tool"]}
-        if out is not None:
-            from medgen_rt.io.outputs import write_generated
-
-            frame = float(geometry.get("frame_duration") or 0) or None
-            r["files"] = write_generated(out, f"sample_{r['metadata']['index']:03d}", r["volume"], affine,
-                                         "ct" if modality == "ct" else "cmr", r["metadata"], mask=r["mask"],
-                                         frame_duration=frame)
-    return results
+    return finish_results(results, meter.report(per=len(indices)), out, modality, geometry)
 
 
 def _device_name(dev) -> str:

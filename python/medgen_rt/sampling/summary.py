@@ -1,8 +1,42 @@
-"""summary.json of a sampling run: one file for all its volumes, from one or several
-processes, for the torch runtime and the ONNX engine alike (no torch import)."""
+"""What a sampling run hands back and writes, shared by the torch runtime and the
+ONNX engine (no torch import): volumes from decoded images, the energy figures
+in every sidecar, the files of each volume, and summary.json for the whole run
+(from one or several processes)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+def image_to_volume(image: np.ndarray, modality: str) -> np.ndarray:
+    """A decoded image in [-1, 1] -> CT in HU or cine intensities in [0, 1], float32."""
+    clipped = np.clip(image, -1.0, 1.0)
+    if modality == "ct":
+        from medgen_rt.data.preprocess import unit_to_ct
+
+        return unit_to_ct(clipped).astype(np.float32)
+    return ((clipped + 1.0) / 2.0).astype(np.float32)
+
+
+def finish_results(results: list, energy_report: dict, out: Optional[Path], modality: str,
+                   geometry: dict) -> list:
+    """Adds the run's energy to each volume's metadata and, with `out`, writes its files
+    (NIfTI, mask, sidecar, previews) as sample_{index:03d}."""
+    for r in results:
+        r["metadata"]["energy"] = {"country": energy_report["country"], "run_kwh": energy_report["kwh"],
+                                   "run_kg_co2e": energy_report["kg_co2e"],
+                                   "per_volume": energy_report.get("per_item"), "phases": energy_report["phases"],
+                                   "tool": energy_report["tool"]}
+        if out is not None:
+            from medgen_rt.io.outputs import write_generated
+
+            frame = float(geometry.get("frame_duration") or 0) or None
+            r["files"] = write_generated(out, f"sample_{r['metadata']['index']:03d}", r["volume"], r["affine"],
+                                         "ct" if modality == "ct" else "cmr", r["metadata"], mask=r["mask"],
+                                         frame_duration=frame)
+    return results
 
 
 def summarize(metadata: list) -> dict:

@@ -260,6 +260,11 @@ class Trainer:
                     avg.mul_(d).add_(params[k].detach().float(), alpha=1 - d)
 
     def _request_stop(self, signum, frame):
+        # Ctrl-C and SIGTERM stop at the next step boundary (a KeyboardInterrupt raised
+        # inside a file read or a kernel could surface as some other error); a second
+        # Ctrl-C stops at once.
+        if signum == signal.SIGINT and self._stop:
+            raise KeyboardInterrupt
         self._stop = True
 
     def train_step(self) -> dict:
@@ -288,7 +293,7 @@ class Trainer:
         return logs
 
     def fit(self) -> dict:
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         # Rank 0 meters for all: the whole machine when several processes share it.
         meter = EnergyMeter(country=self.country, enabled=self.energy_enabled and self.dist.is_main,
                             tracking_mode="machine" if self.dist.distributed else "process")
