@@ -37,6 +37,18 @@ def median_times(fns: dict, device: str, warmup: int = 5, repeats: int = 30) -> 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def benchmarkable_backends(op, device: str) -> tuple:
+    """(backends to time, {skipped backend: reason}) for a registry op on `device`. Triton on
+    the CPU runs only in its interpreter, which measures numpy, not Triton: never timed."""
+    avail = op.availability(device.split(":")[0])
+    backends = [b for b, reason in avail.items() if reason is None]
+    skipped = {b: reason for b, reason in avail.items() if reason is not None}
+    if device == "cpu" and "triton" in backends:
+        backends.remove("triton")
+        skipped["triton"] = "interpreter only on the CPU; not benchmarked"
+    return backends, skipped
+
+
 def device_description(device: str) -> dict:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_description, median_times, versions, write_json  # noqa: E402
+from common import benchmarkable_backends, device_description, median_times, versions, write_json  # noqa: E402
 
 from medgen_rt import ops  # noqa: E402
 
@@ -47,12 +47,7 @@ def main(argv=None) -> int:
 
     device = args.device
     op = ops.get_op("vq_nearest")
-    avail = op.availability(device.split(":")[0])
-    backends = [b for b, reason in avail.items() if reason is None]
-    skipped = {b: reason for b, reason in avail.items() if reason is not None}
-    if device == "cpu" and "triton" in backends:
-        backends.remove("triton")  # the interpreter measures numpy, not Triton
-        skipped["triton"] = "interpreter only on the CPU; not benchmarked"
+    backends, skipped = benchmarkable_backends(op, device)
     shapes = [tuple(s) for s in args.shape] if args.shape else DEFAULT_SHAPES
     results = []
     load_before = os.getloadavg()[0]  # other work on the machine skews the medians; recorded beside them
