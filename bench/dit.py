@@ -54,8 +54,10 @@ def main(argv=None) -> int:
     for preset in args.presets:
         torch.manual_seed(0)
         model = DiT(dit_config(preset, input_size=tuple(args.latent), in_channels=8)).eval().to(device, dtype)
-        for block in model.blocks:  # the published zero init would make every block an identity
-            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+        # the published zero init makes every block an identity and the output zero
+        for linear in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.linear,
+                                                                        model.final_layer.adaLN_modulation[-1]]:
+            torch.nn.init.normal_(linear.weight, std=0.02)
         x = torch.randn(1, 8, *args.latent, device=device, dtype=dtype)
         t = torch.tensor([500.0], device=device)
         tokens, c, _, _, rope = model.embed(x, t)
