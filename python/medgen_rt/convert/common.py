@@ -24,11 +24,12 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from medgen_rt.models.vqgan import strip_wrapper_prefixes
+
 # Entries that hold a model's state_dict, in the order the published loaders look for them.
 MODEL_ENTRIES = ("model", "state_dict", "model_state_dict", "diffusion")
 # Entries that hold EMA weights: the published EMA class saves {"decay", "shadow": {...}}.
 EMA_ENTRIES = ("ema", "model_ema", "ema_state_dict")
-_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 20
 
 
@@ -81,20 +82,6 @@ def _is_tensor_map(obj) -> bool:
         isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
 
 
-def strip_prefixes(state: Mapping) -> dict:
-    """Removes the DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
-
-
 @dataclass
 class Weights:
     """The tensors chosen from one checkpoint file, with where they came from."""
@@ -127,7 +114,7 @@ def select_weights(path, raw: bool = False) -> Weights:
     path = Path(path)
     ckpt = load_checkpoint(path)
     if _is_tensor_map(ckpt):
-        return Weights(path, strip_prefixes(ckpt), "state_dict")
+        return Weights(path, strip_wrapper_prefixes(ckpt), "state_dict")
     if not isinstance(ckpt, Mapping):
         raise ConversionError(f"{path}: expected a state_dict or a checkpoint dict, found {type(ckpt).__name__}")
     model_entry = next((n for n in MODEL_ENTRIES if _is_tensor_map(ckpt.get(n))), None)
@@ -142,11 +129,11 @@ def select_weights(path, raw: bool = False) -> Weights:
     if raw:
         if model is None:
             raise ConversionError(f"{path}: --raw-weights asked for, but the checkpoint holds only EMA weights")
-        return Weights(path, strip_prefixes(model), "raw", extras, ignored)
+        return Weights(path, strip_wrapper_prefixes(model), "raw", extras, ignored)
     if shadow is None:
-        return Weights(path, strip_prefixes(model), "state_dict", extras, ignored)
-    merged = dict(strip_prefixes(model)) if model is not None else {}
-    merged.update(strip_prefixes(shadow))
+        return Weights(path, strip_wrapper_prefixes(model), "state_dict", extras, ignored)
+    merged = dict(strip_wrapper_prefixes(model)) if model is not None else {}
+    merged.update(strip_wrapper_prefixes(shadow))
     return Weights(path, merged, "ema", extras, ignored)
 
 

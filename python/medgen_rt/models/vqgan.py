@@ -825,6 +825,20 @@ def monai_vqvae_kwargs(config: VQGANConfig) -> dict:
                 output_act=config.output_act.upper() if config.output_act else None)
 
 
+def strip_wrapper_prefixes(state: Mapping) -> dict:
+    """A state_dict without the DDP ``module.`` and torch.compile ``_orig_mod.`` key prefixes."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
 def load_monai_vqvae_state_dict(model: VQGAN3D, state_dict: Mapping, strict: bool = True):
     """Load a MONAI ``VQVAE`` (or VolDiT / CardioDiT / MedLoRD VQ-GAN) state_dict into ``model``.
 
@@ -840,15 +854,7 @@ def load_monai_vqvae_state_dict(model: VQGAN3D, state_dict: Mapping, strict: boo
         if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
             sd = sd[key]
             break
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
+    out = strip_wrapper_prefixes(sd)
     emb = "quantizer.quantizer.embedding.weight"
     if emb in out and not any(k in out for k in _EMA_KEYS):
         out[_EMA_KEYS[0]] = torch.zeros(out[emb].shape[0], dtype=torch.float32)
