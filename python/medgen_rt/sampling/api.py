@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -199,9 +200,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         out = Path(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".medgen_write_test"
-            probe.write_text("")
-            probe.unlink()
+            # a name of our own: ranks of one torchrun job probe the same folder at once
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".medgen_write_test"):
+                pass
         except OSError as exc:
             raise ValueError(f"out {out}: cannot write there ({exc})") from None
 
