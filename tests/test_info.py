@@ -81,3 +81,18 @@ def test_medgen_without_command_prints_help_and_fails():
 def test_medgen_bad_arguments_exit_nonzero(argv):
     proc = _run_cli(*argv)
     assert proc.returncode != 0 and "error" in proc.stderr
+
+
+def test_closed_stdout_ends_quietly_without_traceback():
+    # `medgen info | head -1`: the reader is gone before we write. The read end is closed
+    # before the child starts, so every write fails (no race with a real `head`).
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    try:
+        code = "import sys; from medgen_rt.cli import main; sys.exit(main(['info']))"
+        proc = subprocess.run([sys.executable, "-c", code], stdout=write_fd, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

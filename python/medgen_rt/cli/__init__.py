@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import import_module
 
@@ -56,6 +57,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("medgen: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`medgen info | head`): no traceback, and none at exit
+        # when Python flushes stdout again (the recipe of the signal module's docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
