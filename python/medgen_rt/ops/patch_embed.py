@@ -10,7 +10,9 @@ published 3D DiT) and the einops order "(c pz ph pw pt)" (the published 4D DiT).
 unpatchify scatters the final layer's output back:
     tokens (B, N, prod(p) * C_out), laid out (p1, p2, ..., C_out)  ->  (B, C_out, *S)
 
-Backends: reference (this file), triton (kernels/patch_embed.py).
+Backends: reference (this file); native (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu:
+forward kernels, backward in PyTorch), the default on the CPU; triton (kernels/patch_embed.py),
+the default on CUDA, where native is the fallback.
 """
 from __future__ import annotations
 
@@ -91,6 +93,128 @@ def check_unpatchify(tokens, grid, patch_size, out_channels):
         raise ValueError(f"unpatchify: tokens must be (B, {want[0]}, {want[1]}), got {tuple(tokens.shape)}")
 
 
+def _patches_to_volume(patches: torch.Tensor, channels: int, grid: Sequence[int],
+                       patch: Sequence[int]) -> torch.Tensor:
+    """The inverse of _to_patches: (B, N, C * prod(p)) in (C, p1, ...) order -> (B, C, *S)."""
+    B = patches.shape[0]
+    nd = len(patch)
+    x = patches.reshape([B, *grid, channels, *patch])
+    # (B, g1..gn, C, p1..pn) -> (B, C, g1, p1, .., gn, pn)
+    order = [0, 1 + nd] + [v for i in range(nd) for v in (1 + i, 2 + nd + i)]
+    return x.permute(order).reshape([B, channels, *(g * p for g, p in zip(grid, patch))])
+
+
+def _volume_to_tokens(x: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+    """The inverse of unpatchify: (B, C, *S) -> (B, N, prod(p) * C) laid out (p1, .., pn, C)."""
+    B, C = x.shape[:2]
+    nd = len(patch_size)
+    split = [B, C] + [v for g, p in zip(grid, patch_size) for v in (g, p)]
+    # (B, C, g1, p1, .., gn, pn) -> (B, g1..gn, p1..pn, C)
+    order = [0] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [1]
+    return x.reshape(split).permute(order).reshape(B, math.prod(grid), math.prod(patch_size) * C)
+
+
+# ---- native backend (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu) -------------
+
+from medgen_rt.ops import _native  # noqa: E402
+
+_NATIVE_MAX_SPATIAL = 4
+
+
+def _native_patch_embed_supports(x, weight, bias, patch_size, pos_embed=None):
+    if not 1 <= len(patch_size) <= _NATIVE_MAX_SPATIAL:
+        return f"the native kernels take 1 to {_NATIVE_MAX_SPATIAL} spatial axes"
+    if x.dtype not in _native.NATIVE_DTYPES:
+        return "the native kernels take float32, float16 or bfloat16 inputs"
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return "x, weight and bias must share a dtype"
+    if pos_embed is not None and not pos_embed.is_floating_point():
+        return "pos_embed must be a floating-point tensor"
+    if any(t is not None and t.device != x.device for t in (weight, bias, pos_embed)):
+        return "x, weight, bias and pos_embed must be on one device"
+    if pos_embed is not None and any(n != 1 for n in pos_embed.shape[:-2]):
+        return "the native kernels add one (N, hidden) positional embedding to every sample"
+    return None
+
+
+class _NativePatchEmbed(torch.autograd.Function):
+    """Forward: one native kernel. Backward in PyTorch: dx scatters dout @ weight back to
+    the volume, dweight multiplies dout by the patches of x, dbias and dpos are sums."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pos, patch):
+        B, C = x.shape[:2]
+        grid = grid_shape(x.shape[2:], patch)
+        out = torch.empty((B, math.prod(grid), weight.shape[0]), dtype=x.dtype, device=x.device)
+        d = _native.describe
+        _native.native_module().patch_embed_forward(
+            d(x), d(weight), None if bias is None else d(bias), None if pos is None else d(pos), d(out),
+            list(patch), _native.stream_handle(x))
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        ctx.layout = (C, grid, patch)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_pos, _ = ctx.needs_input_grad
+        channels, grid, patch = ctx.layout
+        dx = dweight = dbias = dpos = None
+        if need_x:
+            dx = _patches_to_volume(torch.matmul(dout, weight), channels, grid, patch)
+        if need_w:
+            patches = _to_patches(x, patch)
+            dweight = dout.reshape(-1, dout.shape[-1]).t().matmul(patches.reshape(-1, patches.shape[-1]))
+        if need_b:
+            dbias = dout.sum(dim=(0, 1))
+        if need_pos:
+            dpos = dout.sum(dim=0)
+        return dx, dweight, dbias, dpos, None
+
+
+def patch_embed_native(x, weight, bias, patch_size, pos_embed=None):
+    if pos_embed is not None:
+        # As the reference: the embedding rounded to the tokens' dtype. The cast and view stay
+        # outside the Function, so autograd maps the (N, hidden) grad back to pos_embed's shape.
+        pos_embed = pos_embed.to(x.dtype).reshape(pos_embed.shape[-2:])
+        if pos_embed.shape[-1] > 1 and pos_embed.stride(-1) != 1:
+            pos_embed = pos_embed.contiguous()
+    return _NativePatchEmbed.apply(x, weight, bias, pos_embed, tuple(int(p) for p in patch_size))
+
+
+def _native_unpatchify_supports(tokens, grid, patch_size, out_channels):
+    if not 1 <= len(patch_size) <= _NATIVE_MAX_SPATIAL:
+        return f"the native kernels take 1 to {_NATIVE_MAX_SPATIAL} spatial axes"
+    if tokens.dtype not in _native.NATIVE_DTYPES:
+        return "the native kernels take float32, float16 or bfloat16 tokens"
+    return None
+
+
+class _NativeUnpatchify(torch.autograd.Function):
+    """Forward: one native strided copy. Backward: the inverse permutation, in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, tokens, grid, patch, channels):
+        B = tokens.shape[0]
+        out = torch.empty([B, channels, *(g * p for g, p in zip(grid, patch))], dtype=tokens.dtype,
+                          device=tokens.device)
+        d = _native.describe
+        _native.native_module().unpatchify(d(tokens), d(out), list(patch), _native.stream_handle(tokens))
+        ctx.layout = (grid, patch)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        grid, patch = ctx.layout
+        return _volume_to_tokens(dout, grid, patch), None, None, None
+
+
+def unpatchify_native(tokens, grid, patch_size, out_channels):
+    return _NativeUnpatchify.apply(tokens, tuple(int(g) for g in grid), tuple(int(p) for p in patch_size),
+                                   int(out_channels))
+
+
 # ---- triton backend (kernels/patch_embed.py) -----------------------------------------
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -151,3 +275,12 @@ for _op, _fn, _supports in ((patch_embed, patch_embed_triton, _triton_patch_embe
         name="triton", fn=_fn, devices=frozenset({"cpu", "cuda"}),
         # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
         default_on=frozenset({"cuda"}), priority=2, is_available=_triton_unavailable, supports=_supports))
+for _op, _fn, _supports in ((patch_embed, patch_embed_native, _native_patch_embed_supports),
+                            (unpatchify, unpatchify_native, _native_unpatchify_supports)):
+    _op.register(Backend(
+        name="native", fn=_fn, devices=frozenset({"cpu", "cuda"}),
+        # CPU: the default (forward 1.5-3x the reference at the DiT-S/B/L and DiT4D-B shapes on
+        # 2 cores, bench/patch_embed.py). CUDA: Triton first; the plain CUDA kernels are the
+        # fallback when Triton cannot run.
+        default_on=frozenset({"cpu", "cuda"}), priority=1,
+        is_available=_native.unavailable_reason, supports=_supports))
