@@ -1,4 +1,4 @@
-"""Benchmark the attention op: the Triton flash-style kernel against each of
+"""Benchmark the attention op: the Triton and native flash-style kernels against each of
 PyTorch's SDPA backends (flash, efficient, cuDNN, math, forced with
 torch.nn.attention.sdpa_kernel) and flash-attn when it is installed, forward
 pass, plain and with RoPE + qk-norm.
@@ -11,10 +11,12 @@ Rows per (shape, dtype, features):
   sdpa-auto      the op's reference: qk-norm and RoPE in PyTorch, then SDPA as PyTorch picks it
   sdpa-<name>    the same with SDPA forced to one backend (skipped where that backend cannot run)
   triton         the op's Triton backend: norm and RoPE fused into the kernel (CUDA only)
+  native         the op's native backend (csrc/cpu/attention.cpp, csrc/cuda/attention.cu): norm
+                 and RoPE fused, float32 arithmetic (CPU and CUDA)
   flash_attn     flash-attn's kernel, norm and RoPE applied in PyTorch first (if installed, 16-bit CUDA)
 
 On the CPU Triton runs only in its interpreter, which measures numpy and not the
-kernel, so there only the reference and the SDPA backends are timed.
+kernel, so there only the reference, the SDPA backends and native are timed.
 
 TFLOP/s counts the two matmuls, 4 * B * H * N^2 * d per forward (the usual
 convention; the softmax and the norm/RoPE work are not counted).
@@ -87,6 +89,11 @@ def candidates(device, dtype, args, kwargs, skipped):
             fns["flash_attn"] = lambda: attention_mod.attention_flash_attn(*args, **kwargs)
     else:
         skipped["triton"] = "on the CPU Triton runs only in its interpreter, which is not a benchmark"
+    reason = op.availability(device).get("native")
+    if reason is None:
+        fns["native"] = lambda: op(*args, backend="native", **kwargs)
+    else:
+        skipped["native"] = reason
     # Keep only what runs here (SDPA backends refuse some devices, dtypes and head dims).
     runnable = {}
     for name, fn in fns.items():
@@ -119,8 +126,8 @@ def main(argv=None) -> int:
     shapes = [tuple(s) for s in args.shape] if args.shape else (CUDA_SHAPES if on_cuda else CPU_SHAPES)
     repeats = args.repeats or (30 if on_cuda else 5)
     warmup = 5 if on_cuda else 1
-    note = None if on_cuda else ("CPU: reference and SDPA backends only; the Triton kernel runs on the CPU only "
-                                 "in its interpreter, which is not a benchmark")
+    note = None if on_cuda else ("CPU: reference, SDPA backends and native only; the Triton kernel runs on the "
+                                 "CPU only in its interpreter, which is not a benchmark")
     print(f"device: {device_description(device)['name']}")
     if note:
         print(note)

@@ -4,7 +4,7 @@
     python bench/run_all.py --device cuda --out bench/results/all-h100-2026-11-25.json
 
 Runs each op's script (bench/adaln.py, gated_residual.py, vq_nearest.py,
-attention.py, tile_blend.py) and bench/dit.py in a child process with the device's shapes and
+attention.py, tile_blend.py, patch_embed.py) and bench/dit.py in a child process with the device's shapes and
 collects their JSON under one device description; a script that fails is
 recorded with its error and the others still run.
 """
@@ -28,6 +28,7 @@ SUITE = {
     "vq_nearest.py": {"cpu": [], "cuda": []},
     "attention.py": {"cpu": [], "cuda": []},
     "tile_blend.py": {"cpu": ["--repeats", "10"], "cuda": []},
+    "patch_embed.py": {"cpu": ["--repeats", "10"], "cuda": ["--dtype", "float32", "bfloat16", "--compile"]},
     "dit.py": {"cpu": ["--presets", "dit3d-s/2", "--repeats", "3"],
                "cuda": ["--presets", "dit3d-s/2", "dit3d-b/2", "dit3d-l/2", "--dtype", "bfloat16", "--compile"]},
 }

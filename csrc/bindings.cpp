@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <string>
 
 #include "common/tensor.h"
@@ -279,6 +280,195 @@ void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py
   cpu::blend_accumulate(a);
 }
 
+// ---- patch_embed / unpatchify -------------------------------------------------------
+
+// Checks the patch sizes against the spatial extents and pads both to kMaxPatchDims
+// axes in front (grid 1, patch 1); returns the number of spatial axes.
+int pad_patch(const std::vector<int64_t>& patch, const std::vector<int64_t>& spatial, int64_t* grid_out,
+              int64_t* patch_out, const char* op) {
+  const int nd = static_cast<int>(patch.size());
+  check(nd >= 1 && nd <= kMaxPatchDims, std::string(op) + ": takes 1 to 4 spatial axes");
+  check(spatial.size() == patch.size(), std::string(op) + ": patch and spatial axes differ in number");
+  const int pad = kMaxPatchDims - nd;
+  for (int d = 0; d < kMaxPatchDims; ++d) {
+    grid_out[d] = 1;
+    patch_out[d] = 1;
+  }
+  for (int d = 0; d < nd; ++d) {
+    check(patch[d] > 0 && spatial[d] % patch[d] == 0,
+          std::string(op) + ": spatial size " + std::to_string(spatial[d]) + " is not a multiple of the patch " +
+              std::to_string(patch[d]));
+    patch_out[pad + d] = patch[d];
+    grid_out[pad + d] = spatial[d] / patch[d];
+  }
+  return nd;
+}
+
+void patch_embed(const TensorDesc& x, const TensorDesc& weight, const py::object& bias_obj,
+                 const py::object& pos_obj, const TensorDesc& out, const std::vector<int64_t>& patch,
+                 std::uintptr_t stream) {
+  require_device(x, "patch_embed");
+  check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
+  check(x.dim() >= 3, "x: expected (B, C, *spatial)");
+  PatchEmbedArgs a{};
+  a.dtype = x.dtype;
+  a.B = x.size(0);
+  a.C = x.size(1);
+  const std::vector<int64_t> spatial(x.shape.begin() + 2, x.shape.end());
+  const int nd = pad_patch(patch, spatial, a.grid, a.patch, "patch_embed");
+  const int pad = kMaxPatchDims - nd;
+  a.x = x.data<void>();
+  a.x_sb = x.stride(0);
+  a.x_sc = x.stride(1);
+  for (int d = 0; d < kMaxPatchDims; ++d) a.x_ss[d] = d < pad ? 0 : x.stride(2 + d - pad);
+  a.N = 1;
+  int64_t volume = 1;
+  for (int d = 0; d < kMaxPatchDims; ++d) {
+    a.N *= a.grid[d];
+    volume *= a.patch[d];
+  }
+  a.K = a.C * volume;
+  check(weight.dim() == 2 && weight.size(1) == a.K, "weight: expected (hidden, C * prod(patch))");
+  a.hidden = weight.size(0);
+  check(weight.dtype == x.dtype, std::string("weight: dtype ") + dtype_name(weight.dtype) + " differs from x's " +
+                                     dtype_name(x.dtype));
+  check_same_device(x, weight, "weight");
+  a.weight = weight.data<void>();
+  a.w_sh = weight.stride(0);
+  a.w_sk = weight.stride(1);
+  if (!bias_obj.is_none()) {
+    const auto& bias = bias_obj.cast<const TensorDesc&>();
+    check_shape(bias, {a.hidden}, "bias");
+    check(bias.dtype == x.dtype, "bias: dtype differs from x's");
+    check_same_device(x, bias, "bias");
+    a.bias = bias.data<void>();
+    a.bias_s = bias.stride(0);
+  }
+  if (!pos_obj.is_none()) {
+    const auto& pos = pos_obj.cast<const TensorDesc&>();
+    check_shape(pos, {a.N, a.hidden}, "pos_embed");
+    check(pos.dtype == x.dtype, "pos_embed: dtype differs from x's");
+    check(a.hidden == 1 || pos.stride(1) == 1, "pos_embed: the hidden dimension must be contiguous");
+    check_same_device(x, pos, "pos_embed");
+    a.pos = pos.data<void>();
+    a.pos_sn = pos.stride(0);
+  }
+  check_shape(out, {a.B, a.N, a.hidden}, "out");
+  check(out.dtype == x.dtype, "out: dtype differs from x's");
+  check(a.hidden == 1 || out.stride(2) == 1, "out: the hidden dimension must be contiguous");
+  check_same_device(x, out, "out");
+  a.out = out.data<void>();
+  a.out_sb = out.stride(0);
+  a.out_sn = out.stride(1);
+  a.device = x.device;
+  a.stream = stream;
+  if (a.B * a.N * a.hidden == 0) return;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (x.is_cuda()) return cuda::patch_embed_forward(a);
+#endif
+  cpu::patch_embed_forward(a);
+}
+
+void unpatchify(const TensorDesc& tokens, const TensorDesc& out, const std::vector<int64_t>& patch,
+                std::uintptr_t stream) {
+  require_device(tokens, "unpatchify");
+  check(is_float(tokens.dtype), "tokens: must be float32, float16 or bfloat16");
+  check(out.dim() >= 3, "out: expected (B, C, *spatial)");
+  UnpatchifyArgs a{};
+  a.dtype = tokens.dtype;
+  a.B = out.size(0);
+  a.C = out.size(1);
+  const std::vector<int64_t> spatial(out.shape.begin() + 2, out.shape.end());
+  const int nd = pad_patch(patch, spatial, a.grid, a.patch, "unpatchify");
+  const int pad = kMaxPatchDims - nd;
+  int64_t n = 1, volume = 1;
+  for (int d = 0; d < kMaxPatchDims; ++d) {
+    n *= a.grid[d];
+    volume *= a.patch[d];
+  }
+  check_shape(tokens, {a.B, n, volume * a.C}, "tokens");
+  check(out.dtype == tokens.dtype, "out: dtype differs from the tokens'");
+  check_same_device(tokens, out, "out");
+  a.tokens = tokens.data<void>();
+  a.t_sb = tokens.stride(0);
+  a.t_sn = tokens.stride(1);
+  a.t_sf = tokens.stride(2);
+  a.out = out.data<void>();
+  a.o_sb = out.stride(0);
+  a.o_sc = out.stride(1);
+  for (int d = 0; d < kMaxPatchDims; ++d) a.o_ss[d] = d < pad ? 0 : out.stride(2 + d - pad);
+  a.device = tokens.device;
+  a.stream = stream;
+  if (a.B * a.C * n * volume == 0) return;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (tokens.is_cuda()) return cuda::unpatchify(a);
+#endif
+  cpu::unpatchify(a);
+}
+
+// ---- attention ----------------------------------------------------------------------
+
+const float* attention_table(const py::object& obj, int64_t rows, int64_t D, int device, const char* name) {
+  if (obj.is_none()) return nullptr;
+  const auto& t = obj.cast<const TensorDesc&>();
+  check(t.dtype == DType::Float32, std::string(name) + ": must be float32");
+  check_shape(t, rows < 0 ? std::vector<int64_t>{D} : std::vector<int64_t>{rows, D}, name);
+  const bool dense = rows < 0 ? (D <= 1 || t.stride(0) == 1)
+                              : ((rows <= 1 || t.stride(0) == D) && (D <= 1 || t.stride(1) == 1));
+  check(dense, std::string(name) + ": must be contiguous");
+  check(t.device == device, std::string(name) + ": on a different device than q");
+  return t.data<float>();
+}
+
+void attention(const TensorDesc& q, const TensorDesc& k, const TensorDesc& v, const TensorDesc& out,
+               const py::object& cos, const py::object& sin, const py::object& q_weight, const py::object& q_bias,
+               const py::object& q_eps, const py::object& k_weight, const py::object& k_bias,
+               const py::object& k_eps, std::uintptr_t stream) {
+  require_device(q, "attention");
+  check(q.dim() == 4, "q: expected a (B, H, N, D) tensor");
+  check(is_float(q.dtype), "q: must be float32, float16 or bfloat16");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  check(D >= 1 && D <= kMaxAttentionHeadDim, "attention: head dim must be 1 to 128");
+  for (const auto* t : {&k, &v, &out}) {
+    check_shape(*t, {B, H, N, D}, "k/v/out");
+    check(t->dtype == q.dtype, std::string("k/v/out: dtype ") + dtype_name(t->dtype) + " differs from q's " +
+                                   dtype_name(q.dtype));
+    check_same_device(q, *t, "k/v/out");
+  }
+  check(D == 1 || out.stride(3) == 1, "out: the last dimension must be contiguous");
+  AttentionArgs a{};
+  a.dtype = q.dtype;
+  a.B = B; a.H = H; a.N = N; a.D = D;
+  a.q = q.data<void>(); a.q_sb = q.stride(0); a.q_sh = q.stride(1); a.q_sn = q.stride(2); a.q_sd = q.stride(3);
+  a.k = k.data<void>(); a.k_sb = k.stride(0); a.k_sh = k.stride(1); a.k_sn = k.stride(2); a.k_sd = k.stride(3);
+  a.v = v.data<void>(); a.v_sb = v.stride(0); a.v_sh = v.stride(1); a.v_sn = v.stride(2); a.v_sd = v.stride(3);
+  a.out = out.data<void>(); a.out_sb = out.stride(0); a.out_sh = out.stride(1); a.out_sn = out.stride(2);
+  a.cos = attention_table(cos, N, D, q.device, "cos");
+  a.sin = attention_table(sin, N, D, q.device, "sin");
+  check((a.cos == nullptr) == (a.sin == nullptr), "cos/sin: give both RoPE tables or neither");
+  check(a.cos == nullptr || D % 2 == 0, "attention: RoPE needs an even head dim");
+  a.q_norm = q_eps.is_none() ? 0 : 1;
+  a.k_norm = k_eps.is_none() ? 0 : 1;
+  a.q_eps = a.q_norm ? q_eps.cast<float>() : 0.f;
+  a.k_eps = a.k_norm ? k_eps.cast<float>() : 0.f;
+  check((!a.q_norm || a.q_eps > 0.f) && (!a.k_norm || a.k_eps > 0.f), "attention: norm eps must be positive");
+  a.q_w = attention_table(q_weight, -1, D, q.device, "q_weight");
+  a.q_b = attention_table(q_bias, -1, D, q.device, "q_bias");
+  a.k_w = attention_table(k_weight, -1, D, q.device, "k_weight");
+  a.k_b = attention_table(k_bias, -1, D, q.device, "k_bias");
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.device = q.device;
+  a.stream = stream;
+  if (B * H * N == 0) return;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (q.is_cuda()) return cuda::attention_forward(a);
+#endif
+  cpu::attention_forward(a);
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = MEDGEN_VERSION_INFO;
@@ -299,7 +489,8 @@ py::dict build_info() {
 #elif defined(__GNUC__)
   d["compiler"] = std::string("gcc ") + __VERSION__;
 #endif
-  d["ops"] = py::make_tuple("adaln_modulate", "gated_residual", "vq_nearest", "tile_blend");
+  d["ops"] = py::make_tuple("adaln_modulate", "gated_residual", "vq_nearest", "tile_blend", "patch_embed",
+                              "unpatchify", "attention");
   return d;
 }
 
@@ -364,6 +555,15 @@ PYBIND11_MODULE(_C, m) {
         "dy = gate * dout (dy may be None); per-chunk partial sums of dout * y over rows (may be None)");
   m.def("vq_nearest", &vq_nearest, py::arg("z"), py::arg("cb_t"), py::arg("cb_sq"), py::arg("indices"),
         py::arg("stream") = 0, "indices[n] = argmin_k |c_k|^2 - 2 z_n.c_k (float32, ties to the lowest k)");
+  m.def("attention_forward", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("cos"),
+        py::arg("sin"), py::arg("q_weight"), py::arg("q_bias"), py::arg("q_eps"), py::arg("k_weight"),
+        py::arg("k_bias"), py::arg("k_eps"), py::arg("stream") = 0,
+        "out = softmax(q' k'^T / sqrt(D)) v, q' and k' after LayerNorm (eps None: none) and RoPE (cos None: none)");
   m.def("tile_blend_accumulate", &blend_accumulate, py::arg("dst"), py::arg("src"), py::arg("weight"),
         py::arg("stream") = 0, "dst += weight * src in place (src, weight optional; weight may broadcast)");
+  m.def("patch_embed_forward", &patch_embed, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos"),
+        py::arg("out"), py::arg("patch"), py::arg("stream") = 0,
+        "out = patches(x) @ weight^T + bias + pos (bias, pos may be None), patches gathered from x's strides");
+  m.def("unpatchify", &unpatchify, py::arg("tokens"), py::arg("out"), py::arg("patch"), py::arg("stream") = 0,
+        "out (B, C, *S) <- tokens (B, N, prod(patch) * C) laid out (p1, .., pn, C)");
 }

@@ -87,6 +87,55 @@ struct BlendArgs {
   int device; std::uintptr_t stream;
 };
 
+// patch_embed: out[b, n, :] = round(patches[b, n, :] @ weight^T + bias) + pos[n, :], the
+// patch matrix gathered straight from x (any strides). Token n runs row-major over the
+// patch grid, patch entry k over (c, q1, .., q4). Fewer than kMaxPatchDims spatial axes
+// come padded in front with axes of grid 1, patch 1, stride 0. Accumulation in float32;
+// the sum with the bias is rounded to the dtype before pos is added, as the reference.
+constexpr int kMaxPatchDims = 4;
+struct PatchEmbedArgs {
+  DType dtype;                                // x, weight, bias, pos and out
+  int64_t B, C, hidden, K, N;                 // K = C * prod(patch), N = prod(grid)
+  int64_t grid[kMaxPatchDims], patch[kMaxPatchDims];
+  const void* x; int64_t x_sb, x_sc, x_ss[kMaxPatchDims];  // (B, C, *S), any strides
+  const void* weight; int64_t w_sh, w_sk;     // (hidden, K), any strides
+  const void* bias; int64_t bias_s;           // (hidden,) or null
+  const void* pos; int64_t pos_sn;            // (N, hidden) with unit channel stride, or null
+  void* out; int64_t out_sb, out_sn;          // (B, N, hidden) with unit channel stride
+  int device; std::uintptr_t stream;
+};
+
+// unpatchify: out[b, c, g1*p1+q1, ..] = tokens[b, n(g), f(q, c)], features laid out (p1, .., p4, C).
+// Axes padded in front as for PatchEmbedArgs.
+struct UnpatchifyArgs {
+  DType dtype;
+  int64_t B, C;                               // C: output channels
+  int64_t grid[kMaxPatchDims], patch[kMaxPatchDims];
+  const void* tokens; int64_t t_sb, t_sn, t_sf;          // (B, N, prod(p) * C), any strides
+  void* out; int64_t o_sb, o_sc, o_ss[kMaxPatchDims];    // (B, C, *S), any strides
+  int device; std::uintptr_t stream;
+};
+
+// attention: softmax(q' k'^T / sqrt(D)) v per (b, h), q' and k' after optional
+// LayerNorm over D (statistics in float32; weight/bias float32 or null) and optional
+// rotate-half RoPE with (N, D) float32 contiguous cos/sin tables, each rounded to the
+// input dtype where the reference holds it in that dtype; float32 arithmetic.
+// q, k, v (B, H, N, D) any strides; out (B, H, N, D) with a unit stride along D.
+constexpr int64_t kMaxAttentionHeadDim = 128;
+struct AttentionArgs {
+  DType dtype;                                // q, k, v and out
+  int64_t B, H, N, D;
+  const void* q; int64_t q_sb, q_sh, q_sn, q_sd;
+  const void* k; int64_t k_sb, k_sh, k_sn, k_sd;
+  const void* v; int64_t v_sb, v_sh, v_sn, v_sd;
+  void* out; int64_t out_sb, out_sh, out_sn;
+  const float* cos; const float* sin;         // both null: no RoPE
+  int q_norm; const float* q_w; const float* q_b; float q_eps;  // q_norm 0: none
+  int k_norm; const float* k_w; const float* k_b; float k_eps;
+  float scale;                                // softmax scale, 1/sqrt(D)
+  int device; std::uintptr_t stream;
+};
+
 namespace cpu {
 void adaln_modulate_forward(const AdaLNArgs& a);
 void adaln_modulate_backward(const AdaLNBackwardArgs& a);
@@ -94,6 +143,9 @@ void gated_residual_forward(const GatedResidualArgs& a);
 void gated_residual_backward(const GatedResidualBackwardArgs& a);
 void vq_nearest(const VQNearestArgs& a);
 void blend_accumulate(const BlendArgs& a);
+void attention_forward(const AttentionArgs& a);
+void patch_embed_forward(const PatchEmbedArgs& a);
+void unpatchify(const UnpatchifyArgs& a);
 int max_threads();
 }  // namespace cpu
 
@@ -105,6 +157,9 @@ void gated_residual_forward(const GatedResidualArgs& a);
 void gated_residual_backward(const GatedResidualBackwardArgs& a);
 void vq_nearest(const VQNearestArgs& a);
 void blend_accumulate(const BlendArgs& a);
+void attention_forward(const AttentionArgs& a);
+void patch_embed_forward(const PatchEmbedArgs& a);
+void unpatchify(const UnpatchifyArgs& a);
 int device_count(std::string* error);
 int runtime_version();
 int driver_version();

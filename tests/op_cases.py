@@ -54,6 +54,9 @@ def _patch_embed_inputs(shape, dtype, device, layout, gen):
         P *= p_
     if layout == "channels_last":  # x with channels innermost in memory: the gather follows any strides
         x = torch.randn(B, *spatial, C, generator=gen).to(device, dtype).movedim(-1, 1)
+    elif layout == "sliced":  # a crop of a larger volume and every other channel: no axis has its dense stride
+        big = torch.randn(B, 2 * C, *(s + 3 for s in spatial), generator=gen).to(device, dtype)
+        x = big[(slice(None), slice(1, None, 2)) + tuple(slice(2, 2 + s) for s in spatial)]
     else:
         x = torch.randn(B, C, *spatial, generator=gen).to(device, dtype)
     w = (torch.randn(hidden, P, generator=gen) / P ** 0.5).to(device, dtype)
@@ -63,6 +66,8 @@ def _patch_embed_inputs(shape, dtype, device, layout, gen):
         pos = pos[None]
     elif layout == "no_bias_no_pos":
         b = pos = None
+    elif layout == "float32_pos":  # the embedding table in float32 for 16-bit x: rounded to x's dtype first
+        pos = pos.float()
     return (x, w, b, tuple(patch), pos), {}
 
 
@@ -75,6 +80,8 @@ def _unpatchify_inputs(shape, dtype, device, layout, gen):
         P *= p_
     if layout == "strided_tokens":  # the first half of a wider final-layer output
         tokens = torch.randn(B, N, 2 * P * C, generator=gen).to(device, dtype)[..., :P * C]
+    elif layout == "transposed_tokens":  # features not unit-stride
+        tokens = torch.randn(B, P * C, N, generator=gen).to(device, dtype).transpose(1, 2)
     else:
         tokens = torch.randn(B, N, P * C, generator=gen).to(device, dtype)
     return (tokens, tuple(grid), tuple(patch), C), {}
@@ -109,16 +116,21 @@ def _linear_gated_residual_inputs(shape, dtype, device, layout, gen):
 
 def _attention_inputs(shape, dtype, device, layout, gen):
     B, H, N, d = shape
-    if layout == "packed_qkv":  # views of one (B, N, 3, H, d) projection, as the DiT's qkv linear gives
+    if layout.startswith("packed_qkv"):  # views of one (B, N, 3, H, d) projection, as the DiT's qkv linear gives
         qkv = torch.randn(B, N, 3, H, d, generator=gen).to(device, dtype).permute(2, 0, 3, 1, 4)
-        return tuple(qkv.unbind(0)), {}
-    q, k, v = (torch.randn(B, H, N, d, generator=gen).to(device, dtype) for _ in range(3))
+        q, k, v = qkv.unbind(0)
+    elif layout.startswith("transposed"):  # each a (B, N, H, d) tensor seen as (B, H, N, d)
+        q, k, v = (torch.randn(B, N, H, d, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, H, N, d, generator=gen).to(device, dtype) for _ in range(3))
     args, kwargs = (q, k, v), {}
     if "rope" in layout:
         angles = torch.rand(N, d // 2, generator=gen) * 6.0
         cos, sin = torch.cat([angles.cos()] * 2, -1).to(device), torch.cat([angles.sin()] * 2, -1).to(device)
         args = (q, k, v, (cos, sin))
-    if "qk_norm" in layout:  # LayerNorm(d) parameters near their initial values; k without a bias
+    if "qk_norm_plain" in layout:  # LayerNorm(d, elementwise_affine=False) on both
+        kwargs = {"q_norm": (None, None, 1e-6), "k_norm": (None, None, 1e-5)}
+    elif "qk_norm" in layout:  # LayerNorm(d) parameters near their initial values; k without a bias
         w = (1 + 0.2 * torch.randn(d, generator=gen)).to(device, dtype)
         bias = (0.2 * torch.randn(d, generator=gen)).to(device, dtype)
         kwargs = {"q_norm": (w, bias, 1e-6), "k_norm": (w.flip(0), None, 1e-5)}
@@ -174,20 +186,24 @@ OP_CASES = {
         small_shapes=[(1, 1, 8), (2, 7, 33), (3, 5, 384), (2, 3, 1152)],
         layouts=["contiguous", "strided_rows", "channels_not_contiguous", "chunked_modulation"],
     ),
-    # (B, C, hidden, spatial, patch): 3D p=2 and p=4, 4D (1,4,4,2), odd grids
+    # (B, C, hidden, spatial, patch): 3D p=2, p=4 and mixed (1, 2, 3), 4D (1,4,4,2) and mixed, odd grids,
+    # hidden not a multiple of the CPU kernel's 16-column tiles, batch 1, 2 and 3
     "patch_embed": OpCase(
         make_inputs=_patch_embed_inputs,
         shapes=[(1, 8, 48, (6, 4, 10), (2, 2, 2)), (2, 3, 40, (8, 4, 12), (4, 2, 4)),
-                (2, 8, 64, (3, 8, 12, 4), (1, 4, 4, 2))],
-        small_shapes=[(1, 8, 48, (6, 4, 10), (2, 2, 2)), (1, 2, 20, (2, 8, 4, 4), (1, 4, 4, 2))],
-        layouts=["contiguous", "channels_last", "batched_pos", "no_bias_no_pos"],
+                (2, 8, 64, (3, 8, 12, 4), (1, 4, 4, 2)), (3, 5, 37, (3, 6, 9), (1, 2, 3)),
+                (3, 2, 70, (4, 3, 4, 6), (2, 1, 4, 3))],
+        small_shapes=[(1, 8, 48, (6, 4, 10), (2, 2, 2)), (1, 2, 20, (2, 8, 4, 4), (1, 4, 4, 2)),
+                      (3, 3, 17, (3, 4, 3), (1, 2, 3))],
+        layouts=["contiguous", "channels_last", "sliced", "batched_pos", "no_bias_no_pos", "float32_pos"],
     ),
     # (B, grid, patch, C_out)
     "unpatchify": OpCase(
         make_inputs=_unpatchify_inputs,
-        shapes=[(1, (3, 2, 5), (2, 2, 2), 8), (2, (3, 2, 3, 2), (1, 4, 4, 2), 8)],
-        small_shapes=[(1, (3, 2, 5), (2, 2, 2), 8), (1, (2, 2, 1, 2), (1, 4, 4, 2), 3)],
-        layouts=["contiguous", "strided_tokens"],
+        shapes=[(1, (3, 2, 5), (2, 2, 2), 8), (2, (3, 2, 3, 2), (1, 4, 4, 2), 8), (3, (2, 3, 1), (1, 2, 3), 5),
+                (3, (3, 1, 2), (4, 4, 4), 1)],
+        small_shapes=[(1, (3, 2, 5), (2, 2, 2), 8), (1, (2, 2, 1, 2), (1, 4, 4, 2), 3), (3, (2, 3, 1), (1, 2, 3), 5)],
+        layouts=["contiguous", "strided_tokens", "transposed_tokens"],
     ),
     "gated_residual": OpCase(
         make_inputs=_gated_residual_inputs,
@@ -203,13 +219,15 @@ OP_CASES = {
         small_shapes=[(2, 20, 24, 16), (1, 5, 33, 40)],
         layouts=["contiguous", "chunked_gate", "no_bias", "strided_h"],
     ),
-    # (B, H, N, d), d = 64 and 128 as in the DiT presets, odd N (partial query/key blocks),
-    # tiny and non-power-of-two head dims (padded in the kernel)
+    # (B, H, N, d), d = 64 and 128 as in the DiT presets, 80 (DiT-L/XL-like), odd N (partial
+    # query/key blocks), a single token, tiny and non-power-of-two head dims (padded in the kernels)
     "attention": OpCase(
         make_inputs=_attention_inputs,
-        shapes=[(1, 2, 17, 64), (2, 3, 33, 128), (1, 1, 5, 8), (2, 2, 300, 64), (1, 2, 129, 128), (1, 3, 9, 24)],
+        shapes=[(1, 2, 17, 64), (2, 3, 33, 128), (1, 1, 5, 8), (2, 2, 300, 64), (1, 2, 129, 128), (1, 3, 9, 24),
+                (3, 2, 7, 80), (1, 1, 1, 32)],
         small_shapes=[(1, 2, 17, 64), (1, 1, 20, 128), (2, 1, 5, 8), (1, 3, 9, 24)],
-        layouts=["contiguous", "rope", "qk_norm", "rope_qk_norm", "packed_qkv"],
+        layouts=["contiguous", "rope", "qk_norm", "rope_qk_norm", "packed_qkv", "packed_qkv_rope_qk_norm",
+                 "transposed_qk_norm_plain"],
     ),
     # (N, K, D): one vector, codebooks of 1 and of the preset sizes 256/4096/16384 x 8, odd N;
     # indices must match exactly, so only float32 (16-bit near-ties could legitimately differ).

@@ -9,9 +9,14 @@ Output (B, H, N, d). Attention runs over tokens (N), never over heads; the
 softmax scale is 1/sqrt(d).
 
 Backends: reference (this file: LayerNorm, RoPE in float32, then PyTorch's
-scaled_dot_product_attention), triton (kernels/attention.py: flash-style
-forward, default on CUDA), flash_attn (only when the flash-attn package
-imports: 16-bit CUDA tensors, norm and RoPE applied in PyTorch first).
+scaled_dot_product_attention), native (csrc/cpu/attention.cpp: flash-style
+forward with norm and RoPE fused, float32 arithmetic, default on the CPU;
+csrc/cuda/attention.cu: a plain flash-style CUDA kernel, chosen only by name),
+triton (kernels/attention.py: flash-style forward, default on CUDA), flash_attn
+(only when the flash-attn package imports: 16-bit CUDA tensors, norm and RoPE
+applied in PyTorch first). native and triton are forward kernels; their backward
+recomputes the reference and differentiates it. Neither has attention dropout
+(with dropout the automatic choice falls to flash_attn or the reference).
 """
 from __future__ import annotations
 
@@ -121,6 +126,102 @@ def attention_triton(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None
     return triton_attention(q, k, v, rope, q_norm, k_norm)
 
 
+# ---- native backend (csrc/cpu/attention.cpp, csrc/cuda/attention.cu) -----------------
+
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+from medgen_rt.ops import _native  # noqa: E402
+
+NATIVE_MAX_HEAD_DIM = 128
+
+
+def _native_table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Small tables (RoPE cos/sin, norm weight/bias) as the kernels take them: float32, contiguous."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def native_forward(q, k, v, rope=None, q_norm=None, k_norm=None) -> torch.Tensor:
+    """The native kernel alone (no autograd). The output is (B, H, N, d) laid out as
+    (B, N, H, d) in memory, so the DiT's transpose + reshape to tokens is a view."""
+    B, H, N, d = q.shape
+    out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    cos, sin = (None, None) if rope is None else (_native_table(rope[0]), _native_table(rope[1]))
+    qw, qb, q_eps = q_norm if q_norm is not None else (None, None, None)
+    kw, kb, k_eps = k_norm if k_norm is not None else (None, None, None)
+    desc = _native.describe
+
+    def opt(t):
+        return None if t is None else desc(t)
+
+    tables = [_native_table(t) for t in (qw, qb, kw, kb)]  # kept alive through the call
+    _native.native_module().attention_forward(
+        desc(q), desc(k), desc(v), desc(out), opt(cos), opt(sin), opt(tables[0]), opt(tables[1]),
+        None if q_eps is None else float(q_eps), opt(tables[2]), opt(tables[3]),
+        None if k_eps is None else float(k_eps), _native.stream_handle(q))
+    return out
+
+
+class _NativeAttention(torch.autograd.Function):
+    """Forward by the native kernel; backward recomputes with the PyTorch reference and
+    differentiates that (the kernel is forward-only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps, has_q_norm, has_k_norm):
+        rope = None if cos is None else (cos, sin)
+        out = native_forward(q, k, v, rope, (qw, qb, q_eps) if has_q_norm else None,
+                             (kw, kb, k_eps) if has_k_norm else None)
+        ctx.norm_meta = (q_eps, k_eps, has_q_norm, has_k_norm)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, cos, sin, qw, qb, kw, kb)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the recompute's graph is not kept: a double backward must fail, not be wrong
+    def backward(ctx, dout):
+        q_eps, k_eps, has_q_norm, has_k_norm = ctx.norm_meta
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[8], n[9])  # the tensor slots, eps skipped
+        inputs = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, needs)]
+        q, k, v, cos, sin, qw, qb, kw, kb = inputs
+        with torch.enable_grad():
+            out = attention_reference(q, k, v, None if cos is None else (cos, sin), 0.0,
+                                      (qw, qb, q_eps) if has_q_norm else None,
+                                      (kw, kb, k_eps) if has_k_norm else None)
+            wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+            grads = iter(torch.autograd.grad(out, wanted, dout))
+        result = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
+        # Slots: q k v cos sin qw qb q_eps kw kb k_eps has_q_norm has_k_norm
+        return (*result[:7], None, result[7], result[8], None, None, None)
+
+
+def _native_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
+    if dropout_p > 0:
+        return "the native kernels have no attention dropout (training with dropout uses SDPA)"
+    if q.dtype not in _native.NATIVE_DTYPES:
+        return f"the native kernels take float32, float16 or bfloat16, not {q.dtype}"
+    if q.shape[3] > NATIVE_MAX_HEAD_DIM:
+        return f"the native kernels take head dims up to {NATIVE_MAX_HEAD_DIM}, got {q.shape[3]}"
+    tables = list(rope or ()) + [t for norm in (q_norm, k_norm) if norm is not None for t in norm[:2]]
+    for t in tables:
+        if t is not None and not t.is_floating_point():
+            return f"RoPE tables and norm parameters must be floating point, got {t.dtype}"
+    if q.device.type == "cuda" and q.shape[0] * q.shape[1] > 65535:
+        return f"the CUDA kernel takes at most 65535 batch x heads, got {q.shape[0] * q.shape[1]}"
+    return None
+
+
+def attention_native(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
+    tensors = [q, k, v, *(rope or ())] + [t for norm in (q_norm, k_norm) if norm is not None for t in norm[:2]]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return native_forward(q, k, v, rope, q_norm, k_norm)  # inference: no autograd bookkeeping
+    cos, sin = rope if rope is not None else (None, None)
+    qw, qb, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
+    kw, kb, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
+    return _NativeAttention.apply(q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps,
+                                  q_norm is not None, k_norm is not None)
+
+
 # ---- flash_attn backend (optional package) -------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -162,6 +263,12 @@ def attention_flash_attn(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=
 
 
 attention = register_op("attention", attention_reference, check_args=check_attention)
+attention.register(Backend(
+    name="native", fn=attention_native, devices=frozenset({"cpu", "cuda"}),
+    # CPU default: ~0.87x SDPA's time at (1, 6, 16384, 64) float32, 2 threads (2.34 s vs 2.63 s, Zen 4 EPYC).
+    # CUDA: selectable only (backend="native"); Triton stays the default there.
+    default_on=frozenset({"cpu"}), priority=1,
+    is_available=_native.unavailable_reason, supports=_native_supports))
 attention.register(Backend(
     name="triton", fn=attention_triton, devices=frozenset({"cpu", "cuda"}),
     # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
