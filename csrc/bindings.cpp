@@ -280,6 +280,39 @@ void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py
   cpu::blend_accumulate(a);
 }
 
+// out (B, C, *S) /= weight_sum (*S) where weight_sum > 0, both dense float32.
+bool is_dense(const TensorDesc& t) {
+  int64_t expect = 1;
+  for (int64_t i = t.dim() - 1; i >= 0; --i) {
+    if (t.size(i) != 1 && t.stride(i) != expect) return false;
+    expect *= t.size(i);
+  }
+  return true;
+}
+
+void blend_normalize(const TensorDesc& out, const TensorDesc& weight_sum, std::uintptr_t stream) {
+  require_device(out, "tile_normalize");
+  check(out.dtype == DType::Float32 && weight_sum.dtype == DType::Float32,
+        "tile_normalize: out and weight_sum must be float32");
+  check(out.dim() >= 2, "tile_normalize: out must be (B, C, *S)");
+  check_shape(weight_sum, std::vector<int64_t>(out.shape.begin() + 2, out.shape.end()), "weight_sum");
+  check_same_device(out, weight_sum, "weight_sum");
+  check(is_dense(out) && is_dense(weight_sum), "tile_normalize: out and weight_sum must be contiguous");
+  NormalizeArgs a{};
+  a.out = out.data<float>();
+  a.w = weight_sum.data<float>();
+  a.planes = out.size(0) * out.size(1);
+  a.voxels = 1;
+  for (auto n : weight_sum.shape) a.voxels *= n;
+  a.device = out.device;
+  a.stream = stream;
+  py::gil_scoped_release release;
+#ifdef MEDGEN_WITH_CUDA
+  if (out.is_cuda()) return cuda::blend_normalize(a);
+#endif
+  cpu::blend_normalize(a);
+}
+
 // ---- patch_embed / unpatchify -------------------------------------------------------
 
 // Checks the patch sizes against the spatial extents and pads both to kMaxPatchDims
@@ -489,8 +522,8 @@ py::dict build_info() {
 #elif defined(__GNUC__)
   d["compiler"] = std::string("gcc ") + __VERSION__;
 #endif
-  d["ops"] = py::make_tuple("adaln_modulate", "gated_residual", "vq_nearest", "tile_blend", "patch_embed",
-                              "unpatchify", "attention");
+  d["ops"] = py::make_tuple("adaln_modulate", "gated_residual", "vq_nearest", "tile_blend", "tile_normalize",
+                            "patch_embed", "unpatchify", "attention");
   return d;
 }
 
@@ -561,6 +594,8 @@ PYBIND11_MODULE(_C, m) {
         "out = softmax(q' k'^T / sqrt(D)) v, q' and k' after LayerNorm (eps None: none) and RoPE (cos None: none)");
   m.def("tile_blend_accumulate", &blend_accumulate, py::arg("dst"), py::arg("src"), py::arg("weight"),
         py::arg("stream") = 0, "dst += weight * src in place (src, weight optional; weight may broadcast)");
+  m.def("tile_normalize", &blend_normalize, py::arg("out"), py::arg("weight_sum"), py::arg("stream") = 0,
+        "out /= weight_sum in place where weight_sum > 0 (weight_sum broadcast over batch and channels)");
   m.def("patch_embed_forward", &patch_embed, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos"),
         py::arg("out"), py::arg("patch"), py::arg("stream") = 0,
         "out = patches(x) @ weight^T + bias + pos (bias, pos may be None), patches gathered from x's strides");

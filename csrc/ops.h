@@ -87,6 +87,16 @@ struct BlendArgs {
   int device; std::uintptr_t stream;
 };
 
+// tile_normalize: out[p, i] /= w[i] where w[i] > 0 (uncovered voxels keep their value),
+// for every plane p (batch x channels) of a dense (planes, voxels) float32 output and a
+// dense (voxels,) float32 weight sum.
+struct NormalizeArgs {
+  float* out;
+  const float* w;
+  int64_t planes, voxels;
+  int device; std::uintptr_t stream;
+};
+
 // patch_embed: out[b, n, :] = round(patches[b, n, :] @ weight^T + bias) + pos[n, :], the
 // patch matrix gathered straight from x (any strides). Token n runs row-major over the
 // patch grid, patch entry k over (c, q1, .., q4). Fewer than kMaxPatchDims spatial axes
@@ -143,6 +153,7 @@ void gated_residual_forward(const GatedResidualArgs& a);
 void gated_residual_backward(const GatedResidualBackwardArgs& a);
 void vq_nearest(const VQNearestArgs& a);
 void blend_accumulate(const BlendArgs& a);
+void blend_normalize(const NormalizeArgs& a);
 void attention_forward(const AttentionArgs& a);
 void patch_embed_forward(const PatchEmbedArgs& a);
 void unpatchify(const UnpatchifyArgs& a);
@@ -157,6 +168,7 @@ void gated_residual_forward(const GatedResidualArgs& a);
 void gated_residual_backward(const GatedResidualBackwardArgs& a);
 void vq_nearest(const VQNearestArgs& a);
 void blend_accumulate(const BlendArgs& a);
+void blend_normalize(const NormalizeArgs& a);
 void attention_forward(const AttentionArgs& a);
 void patch_embed_forward(const PatchEmbedArgs& a);
 void unpatchify(const UnpatchifyArgs& a);

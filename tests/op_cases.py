@@ -254,7 +254,10 @@ OP_CASES = {
     ),
     "tile_normalize": OpCase(
         make_inputs=_tile_normalize_inputs,
-        shapes=[(1, 1, (8, 6, 5)), (2, 3, (16, 16, 8))], small_shapes=[(1, 1, (8, 6, 5))],
+        # 3D, 4D (cine), one voxel, batch x channels many, and a volume past one CPU thread range
+        shapes=[(1, 1, (8, 6, 5)), (2, 3, (16, 16, 8)), (3, 2, (5, 6, 4, 3)), (1, 1, (1, 1, 1)),
+                (2, 1, (40, 36, 24))],
+        small_shapes=[(1, 1, (8, 6, 5))],
         dtypes=(torch.float32,), differentiable=False,
     ),
 }

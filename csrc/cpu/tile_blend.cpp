@@ -2,6 +2,7 @@
 // temporaries (the reference converts the tile and multiplies by the weight
 // into fresh buffers first). The bindings coalesce dimensions, so the last one
 // is usually long and contiguous; OpenMP splits the outer positions.
+#include <algorithm>
 #include <type_traits>
 
 #include "common/float_convert.h"
@@ -79,7 +80,25 @@ void blend_impl(const BlendArgs& a) {
   }
 }
 
+MEDGEN_TB_CLONES void normalize_run(float* out, const float* w, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] > 0.f ? out[i] / w[i] : out[i];
+}
+
 }  // namespace
+
+// One pass, in place, no temporaries (the reference builds a mask and a divisor volume
+// first). Voxel ranges split across threads; each walks every plane over its range, so
+// the weights it reads stay in its cache.
+void blend_normalize(const NormalizeArgs& a) {
+  constexpr int64_t kRange = 1 << 14;
+  const int64_t ranges = (a.voxels + kRange - 1) / kRange;
+#pragma omp parallel for schedule(static) if (a.planes * a.voxels >= (1 << 15))
+  for (int64_t r = 0; r < ranges; ++r) {
+    const int64_t i0 = r * kRange, n = std::min(kRange, a.voxels - i0);
+    for (int64_t p = 0; p < a.planes; ++p) normalize_run(a.out + p * a.voxels + i0, a.w + i0, n);
+  }
+}
 
 void blend_accumulate(const BlendArgs& a) {
   switch (a.src_dtype) {

@@ -40,7 +40,25 @@ void launch(const BlendArgs& a) {
   check_cuda(cudaGetLastError(), "tile_blend launch");
 }
 
+__global__ void normalize_kernel(NormalizeArgs a, int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float w = a.w[i % a.voxels];
+    if (w > 0.f) a.out[i] /= w;
+  }
+}
+
 }  // namespace
+
+void blend_normalize(const NormalizeArgs& a) {
+  const int64_t total = a.planes * a.voxels;
+  if (total == 0) return;
+  DeviceGuard guard(a.device);
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+  normalize_kernel<<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, total);
+  check_cuda(cudaGetLastError(), "tile_normalize launch");
+}
 
 void blend_accumulate(const BlendArgs& a) {
   DeviceGuard guard(a.device);

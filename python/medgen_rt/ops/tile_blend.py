@@ -10,7 +10,8 @@ final normalisation by the accumulated weights.
         tile (B, C, *s) with s the region's size, weight None (= 1) or (*s)
     tile_normalize(out, weight_sum)   in place: out /= weight_sum (where > 0)
 
-tile_blend backends: reference (this file), native (csrc/cpu, csrc/cuda; no temporaries).
+tile_blend backends: reference (this file), native (csrc/cpu, csrc/cuda; no temporaries),
+triton (kernels/tile_blend.py). tile_normalize: reference and native (one in-place pass).
 """
 from __future__ import annotations
 
@@ -159,3 +160,26 @@ tile_blend.register(Backend(
     is_available=_triton_unavailable, supports=_triton_blend_supports))
 
 tile_normalize = register_op("tile_normalize", tile_normalize_reference, check_args=check_tile_normalize)
+
+
+def _native_normalize_supports(out, weight_sum):
+    if out.dtype != torch.float32 or weight_sum.dtype != torch.float32:
+        return "the native kernel normalises float32 outputs by float32 weights only"
+    if weight_sum.device != out.device:
+        return "weight_sum must be on out's device"
+    if not (out.is_contiguous() and weight_sum.is_contiguous()):
+        return "the native kernel takes contiguous out and weight_sum"
+    if torch.is_grad_enabled() and (out.requires_grad or weight_sum.requires_grad):
+        return "the native kernel writes through raw pointers, invisible to autograd"
+    return None
+
+
+def tile_normalize_native(out, weight_sum) -> None:
+    _native.native_module().tile_normalize(_native.describe(out), _native.describe(weight_sum),
+                                           _native.stream_handle(out))
+
+
+tile_normalize.register(_NativeBackend(
+    name="native", fn=tile_normalize_native, devices=frozenset({"cpu", "cuda"}),
+    default_on=frozenset({"cpu", "cuda"}), priority=1,
+    is_available=_native.unavailable_reason, supports=_native_normalize_supports))
