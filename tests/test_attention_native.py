@@ -88,8 +88,8 @@ def test_native_matches_reference_grid(N, d, dtype):
     _grid_case(N, d, dtype, "cpu")
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 48, 64), (1, 2, 256, 64), (2, 1, 257, 32), (1, 1, 600, 128),
-                                   (1, 1, 1000, 8), (2, 3, 97, 5)])
+@pytest.mark.parametrize("shape", [(1, 1, 48, 64), (1, 1, 192, 64), (1, 1, 193, 64), (1, 2, 256, 64),
+                                   (2, 1, 257, 32), (1, 1, 600, 128), (1, 1, 1000, 8), (2, 3, 97, 5)])
 def test_native_block_boundaries_and_odd_head_dims(shape):
     """Sequence lengths at and just past the CPU kernel's query/key block sizes, several key
     blocks, and head dims that are not multiples of 8 (padded in the kernels)."""

@@ -54,7 +54,11 @@ typedef float vfu __attribute__((vector_size(32), aligned(4), may_alias));
 
 constexpr int kLanes = 8;
 constexpr int kStrip = 16;   // keys per packed strip: two vectors
-constexpr int kBM = 48;      // queries per job (a multiple of kSR and kPR)
+// Queries per job (a multiple of kSR and kPR). Each job streams its head's whole packed
+// K and V (8 MiB at N = 16384, d = 64), so the block sets the reuse of every key: with 48
+// rows DiT-S/2's attention took 2.3 to 3.6 s from call to call on this 2-core VM (L3
+// bandwidth shared with the neighbours), with 192 a steady 2.4-2.55 s (SDPA: 2.7-3.0 s).
+constexpr int kBM = 192;
 constexpr int kBN = 256;     // keys per block of the online softmax (a multiple of kStrip)
 constexpr int kSR = 6;       // rows of the S micro-kernel
 constexpr int kPR = 4;       // rows of the P V micro-kernel
