@@ -325,23 +325,9 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from medgen_rt.ops.attention import attention_reference
+        from medgen_rt.ops.attention import recompute_reference_grads
 
-        q_eps, k_eps, has_q_norm, has_k_norm = ctx.norm_meta
-        saved = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[8], n[9])  # the tensor slots, eps skipped
-        inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, needs)]
-        q, k, v, cos, sin, qw, qb, kw, kb = inputs
-        with torch.enable_grad():
-            out = attention_reference(q, k, v, None if cos is None else (cos, sin), 0.0,
-                                      (qw, qb, q_eps) if has_q_norm else None,
-                                      (kw, kb, k_eps) if has_k_norm else None)
-            wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-            grads = iter(torch.autograd.grad(out, wanted, dout))
-        result = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
-        # Slots: q k v cos sin qw qb q_eps kw kb k_eps has_q_norm has_k_norm
-        return (*result[:7], None, result[7], result[8], None, None, None)
+        return recompute_reference_grads(ctx, dout)
 
 
 def attention(q, k, v, rope=None, q_norm=None, k_norm=None) -> torch.Tensor:

@@ -126,6 +126,26 @@ def attention_triton(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None
     return triton_attention(q, k, v, rope, q_norm, k_norm)
 
 
+def recompute_reference_grads(ctx, dout) -> tuple:
+    """Backward of a forward-only kernel (Triton, native): recompute with the reference
+    and differentiate that. ctx is an autograd Function's context whose forward took
+    (q k v cos sin qw qb q_eps kw kb k_eps has_q_norm has_k_norm), saved
+    (q k v cos sin qw qb kw kb) and set ctx.norm_meta = (q_eps, k_eps, has_q_norm, has_k_norm)."""
+    q_eps, k_eps, has_q_norm, has_k_norm = ctx.norm_meta
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[8], n[9])  # the tensor slots, eps skipped
+    inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+    q, k, v, cos, sin, qw, qb, kw, kb = inputs
+    with torch.enable_grad():
+        out = attention_reference(q, k, v, None if cos is None else (cos, sin), 0.0,
+                                  (qw, qb, q_eps) if has_q_norm else None,
+                                  (kw, kb, k_eps) if has_k_norm else None)
+        wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+        grads = iter(torch.autograd.grad(out, wanted, dout))
+    result = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
+    return (*result[:7], None, result[7], result[8], None, None, None)
+
+
 # ---- native backend (csrc/cpu/attention.cpp, csrc/cuda/attention.cu) -----------------
 
 from torch.autograd.function import once_differentiable  # noqa: E402
@@ -178,21 +198,7 @@ class _NativeAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the recompute's graph is not kept: a double backward must fail, not be wrong
     def backward(ctx, dout):
-        q_eps, k_eps, has_q_norm, has_k_norm = ctx.norm_meta
-        n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[8], n[9])  # the tensor slots, eps skipped
-        inputs = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(ctx.saved_tensors, needs)]
-        q, k, v, cos, sin, qw, qb, kw, kb = inputs
-        with torch.enable_grad():
-            out = attention_reference(q, k, v, None if cos is None else (cos, sin), 0.0,
-                                      (qw, qb, q_eps) if has_q_norm else None,
-                                      (kw, kb, k_eps) if has_k_norm else None)
-            wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-            grads = iter(torch.autograd.grad(out, wanted, dout))
-        result = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
-        # Slots: q k v cos sin qw qb q_eps kw kb k_eps has_q_norm has_k_norm
-        return (*result[:7], None, result[7], result[8], None, None, None)
+        return recompute_reference_grads(ctx, dout)
 
 
 def _native_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
