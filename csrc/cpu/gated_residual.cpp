@@ -8,12 +8,9 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "common/float_convert.h"
 #include "cpu/fast_convert.h"
+#include "cpu/huge_pages.h"
 #include "ops.h"
 
 namespace medgen {
@@ -49,24 +46,6 @@ MEDGEN_GR_CLONES void row_backward(const T* d, const float* g, const T* y, T* dy
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(ld(d, c)) * static_cast<double>(ld(y, c));
   }
-}
-
-// The output is usually a fresh allocation whose pages are not yet mapped, and
-// with 4 KiB pages the first-touch faults can cost more than the arithmetic
-// (1x16384x768 float32: ~12,300 faults per call; ~540 with this advice).
-// Asking for transparent huge pages on the 2 MiB-aligned interior of the output
-// is advice only: mapped pages and systems with THP off are unaffected.
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
-  if (bytes < static_cast<int64_t>(4 * kHuge)) return;
-  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
 }
 
 template <typename T>

@@ -23,12 +23,9 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "common/float_convert.h"
 #include "cpu/fast_convert.h"
+#include "cpu/huge_pages.h"
 #include "ops.h"
 
 namespace medgen {
@@ -45,21 +42,6 @@ namespace {
 constexpr int kMR = 6;    // token rows per micro-tile
 constexpr int kNR = 16;   // hidden columns per micro-tile (two 8-float vectors)
 constexpr int64_t kBlockBytes = 16384;  // packed patch rows of one token block: half an L1
-
-// As in gated_residual.cpp: transparent huge pages for the fresh output's interior
-// (the first-touch faults of 4 KiB pages cost about as much as the arithmetic).
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
-  if (bytes < static_cast<int64_t>(4 * kHuge)) return;
-  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 // acc (kMR x kNR) = a (K x kMR, packed) @ w (K x kNR, packed panel). Fixed trip
 // counts, so the compiler keeps acc in registers and vectorises along j.
