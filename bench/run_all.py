@@ -1,12 +1,13 @@
 """Every benchmark of the kernels issue in one command, one JSON:
 
-    python bench/run_all.py                       # CPU suite (this machine: ~10 min)
+    python bench/run_all.py                       # CPU suite (this machine: ~12 min)
     python bench/run_all.py --device cuda --out bench/results/all-h100-2026-11-25.json
 
 Runs each op's script (bench/adaln.py, gated_residual.py, vq_nearest.py,
-attention.py, tile_blend.py, patch_embed.py) and bench/dit.py in a child process with the device's shapes and
-collects their JSON under one device description; a script that fails is
-recorded with its error and the others still run.
+attention.py, tile_blend.py, patch_embed.py) and bench/dit.py in a child
+process with the device's shapes and collects their JSON under one device
+description; a script that fails is recorded with its error and the others
+still run.
 """
 from __future__ import annotations
 

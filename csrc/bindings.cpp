@@ -280,7 +280,7 @@ void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py
   cpu::blend_accumulate(a);
 }
 
-// out (B, C, *S) /= weight_sum (*S) where weight_sum > 0, both dense float32.
+// Row-major with no gaps (size-1 dimensions may carry any stride, as torch's are).
 bool is_dense(const TensorDesc& t) {
   int64_t expect = 1;
   for (int64_t i = t.dim() - 1; i >= 0; --i) {
@@ -290,6 +290,7 @@ bool is_dense(const TensorDesc& t) {
   return true;
 }
 
+// out (B, C, *S) /= weight_sum (*S) where weight_sum > 0, both dense float32.
 void blend_normalize(const TensorDesc& out, const TensorDesc& weight_sum, std::uintptr_t stream) {
   require_device(out, "tile_normalize");
   check(out.dtype == DType::Float32 && weight_sum.dtype == DType::Float32,
