@@ -26,7 +26,8 @@ def _tiny_config(tmp_path, preset: str, **data) -> str:
 
     cfg, _ = load_config(preset)
     cfg["data"].update(data)
-    fast = {"steps": 3, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "val_every": 3, "warmup_steps": 0}
+    fast = {"steps": 3, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "val_every": 3, "warmup_steps": 0,
+            "monitor_samples": 0}
     for stage in ("vae", "dit", "control", "unet"):
         if stage in cfg:
             cfg[stage]["train"].update(fast)

@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from medgen_rt.train.checkpoint import load_weights
 from medgen_rt.train.latents import write_latent_set
-from medgen_rt.train.loop import TrainSettings, global_batch_indices, lr_factor
+from medgen_rt.train.loop import TrainSettings, ema_decay_at, global_batch_indices, lr_factor
 
 SHAPE = (8, 4, 8, 8, 4)  # (C, Z, H, W, T): a small 4D latent
 
@@ -68,6 +69,15 @@ def test_schedule_and_batches():
     seen = sum((global_batch_indices(10, 5, 0, k) for k in range(2)), [])
     assert sorted(seen) == list(range(10))
     assert global_batch_indices(10, 5, 0, 3) == global_batch_indices(10, 5, 0, 3)
+
+
+def test_ema_warm_up_forgets_the_initial_weights():
+    """The share of the initial weights left in the EMA after n updates is the product of the
+    decays: with the warm-up it is gone after a short run, without it 0.999^n stays large."""
+    left = np.cumprod([ema_decay_at(s, 0.999) for s in range(2500)])
+    assert left[249] < 1e-3 and left[-1] < 1e-4
+    assert 0.999 ** 2500 > 0.08
+    assert ema_decay_at(10 ** 6, 0.999) == 0.999 and ema_decay_at(0, 0.999) == 0.1
 
 
 def test_run_folder_contents(tmp_path, latents):

@@ -56,8 +56,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--out", type=Path, required=True, help="report folder")
     m.add_argument("--top-k", type=_positive_int, default=8, help="pairs shown as pictures (default 8)")
     add_common(m)
-    q = sub.add_parser("quality", help="MS-SSIM diversity, FID/MMD, slice and frame consistency, EF, mask Dice")
-    q.add_argument("--real", type=Path, required=True, help="real volumes (the reference)")
+    q = sub.add_parser("quality", help="MS-SSIM diversity, FID/MMD, nearest-neighbour realism, slice and frame "
+                                       "consistency, EF, mask Dice")
+    q.add_argument("--real", type=Path, required=True, help="real volumes (the reference; at least 2)")
     q.add_argument("--synthetic", type=Path, required=True, help="the generated volumes")
     q.add_argument("--out", type=Path, required=True, help="report folder")
     q.add_argument("--features", default="encoder",
@@ -149,9 +150,17 @@ def run_quality(args) -> int:
     public, page, pictures = render_quality(rep, syn.modality)
     write_report(out, public, page, pictures)
     div = rep["ms_ssim_diversity"]["synthetic"].get("mean")
-    print(f"FID {rep['fid']['value']:.4g}, MMD^2 {rep['mmd']['mmd2']:.4g}, MS-SSIM diversity "
-          f"{'n/a' if div is None else f'{div:.4f}'}; report: {out / 'report.html'}")
+    ma = (rep["mask_adherence"].get("synthetic") or {}).get("own_map")
+    dice = "" if not ma else ", mask Dice own/swapped map " + ", ".join(
+        f"{g} {_num(d.get('mean'))}/{_num(rep['mask_adherence']['synthetic']['swapped_map'][g].get('mean'))}"
+        for g, d in ma.items())
+    print(f"FID {rep['fid']['value']:.4g}, MMD^2 {rep['mmd']['mmd2']:.4g}, realism {_num(rep['realism']['ratio'])}, "
+          f"MS-SSIM diversity {_num(div)}{dice}; report: {out / 'report.html'}")
     return 0
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
 def run(args) -> int:

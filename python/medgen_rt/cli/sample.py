@@ -10,7 +10,9 @@ import os
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="default", help="'default', a run folder, or a folder with dit/ and vae/")
+    p.add_argument("--model", default="default",
+                   help="an embedded model: 'default' or 'cine' (cine MR), 'ct' (CT from a label map, needs "
+                        "--masks); or a run folder, or a folder with dit/ (tgca/, ...) and vae/")
     # -n / --num-volumes for torchrun, which takes "--n" for an abbreviation of its own options
     p.add_argument("-n", "--n", "--num-volumes", dest="n", type=int, default=1, help="number of volumes")
     p.add_argument("--seed", type=int, default=0, help="volume i uses seed + i")

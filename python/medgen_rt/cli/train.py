@@ -28,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="override train.lr")
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
+    p.add_argument("--monitor-samples", type=int, metavar="N",
+                   help="override train.monitor_samples: volumes sampled at every validation to log realism and "
+                        "copy rate into metrics.csv and quality.png (0: off)")
+    p.add_argument("--keep-best", type=float, metavar="COPY_RATE", dest="keep_best_copy_rate",
+                   help="keep, in OUT/best/, the validated model whose realism is closest to 1 among those whose "
+                        "copy rate is at most COPY_RATE")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--country", help="ISO 3166 alpha-3 code for the CO2 estimate (default MEDGEN_COUNTRY_ISO or DEU)")
     p.add_argument("--no-energy", action="store_true", help="do not meter energy")

@@ -3,8 +3,10 @@ quality metrics and self-contained reports.
 
 datasets      the folders evaluation reads (sample output, images/ + masks/, ACDC), lazily
 encoder       the self-supervised NT-Xent copy-detection encoder (train, embed, save, load)
-memorization  nearest neighbours by Pearson correlation, the threshold, copies and memorised volumes
-metrics       MS-SSIM diversity, FID, MMD, inter-slice and temporal statistics, EF, Dice
+memorization  nearest neighbours by Pearson correlation, the threshold, copies and memorised volumes,
+              nearest-neighbour realism
+metrics       MS-SSIM diversity, FID, MMD, inter-slice and temporal statistics, EF, Dice (CT: by HU
+              ranges), realism rows
 features      MedicalNet / RadImageNet feature extractors from local weights
 quality       all quality metrics of a synthetic set against a real one
 energy        training and sampling energy, CO2 and driving distance for the reports

@@ -109,6 +109,17 @@ class EvalSet:
         return {"name": e.name, "image": image, "affine": vol.affine, "mask": mask, "labels": labels,
                 "ed": ed, "es": es, "sidecar": sidecar, "frame_duration": vol.frame_duration}
 
+    def load_mask(self, i: int) -> Optional[np.ndarray]:
+        """Volume i's mask alone (uint8), or None: e.g. another subject's map for a control."""
+        e = self.entries[i]
+        if e.mask is None:
+            return None
+        try:
+            shape = read_info(e.image).shape
+        except NiftiError as exc:
+            raise EvalInputError(f"{self.arg}: {exc}") from exc
+        return _read_label(self.arg, e.mask, shape)
+
     def unit(self, i: int) -> np.ndarray:
         """Volume i in [-1, 1]: CT clipped to [-1000, 1000] HU / 1000; MR per-volume min-max."""
         return to_unit(self.load(i)["image"], self.modality)

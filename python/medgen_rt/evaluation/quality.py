@@ -2,7 +2,8 @@
 :mod:`.metrics` over the two sets, as one JSON-ready dict.
 
 Volumes are read one at a time; only the ones kept for MS-SSIM (at most
-``max_ms_ssim_volumes`` per set) and the example pictures stay in memory.
+``max_ms_ssim_volumes`` per set), the example pictures and one small realism row per volume
+(at most 64 voxels a side, :func:`.metrics.realism_row`) stay in memory.
 """
 from __future__ import annotations
 
@@ -19,17 +20,23 @@ def _spacing(affine) -> tuple:
     return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
 
 
-def _scan(s: EvalSet, quiet: bool, keep: int, lv_label: int, segmenter=None) -> dict:
-    """One pass over a set: slice and frame statistics, cardiac function, masks, and the
-    first ``keep`` volumes in [0, 1] for MS-SSIM and pictures."""
+def _scan(s: EvalSet, quiet: bool, keep: int, lv_label: int, grid: tuple, segmenter=None) -> dict:
+    """One pass over a set: slice and frame statistics, cardiac function, masks (CT: Dice by HU
+    ranges against the own map and, as a control, the previous masked volume's map, the first
+    against the last's), a realism row on ``grid`` per volume, and the first ``keep`` volumes
+    in [0, 1] for MS-SSIM and pictures."""
     from .encoder import progress
 
     out = {"interslice": {"mad": [], "nmad": [], "pearson": []}, "temporal": [], "cardiac": [], "kept": [],
-           "kept_raw": [], "masks": [], "names": []}
+           "kept_raw": [], "masks": [], "names": [], "rows": [], "ct_dice": []}
+    masked = [i for i, e in enumerate(s.entries) if e.mask is not None]
+    ct_maps = s.modality == "ct" and not s.is_cine
+    prev = (s.names[masked[-1]], s.load_mask(masked[-1])) if ct_maps and len(masked) >= 2 else None
     bar = progress(len(s), f"scan {s.arg}", quiet, "vol")
     for i in range(len(s)):
         item = s.load(i)
         v01 = to_display01(item["image"], s.modality)
+        out["rows"].append(M.realism_row(v01, grid))
         st = M.interslice(v01)
         for k in out["interslice"]:
             out["interslice"][k].append(st[k])
@@ -43,6 +50,9 @@ def _scan(s: EvalSet, quiet: bool, keep: int, lv_label: int, segmenter=None) -> 
                 out["cardiac"].append({"name": item["name"], **cf})
         if item["mask"] is not None:
             out["masks"].append((i, item["name"]))
+            if ct_maps:
+                out["ct_dice"].append(_ct_dice(item, prev))
+                prev = None if prev is None else (item["name"], item["mask"])
         if len(out["kept"]) < keep:
             out["kept"].append(M.shrink_for_ssim(v01))
         if len(out["kept_raw"]) < 4:  # example pictures
@@ -52,7 +62,18 @@ def _scan(s: EvalSet, quiet: bool, keep: int, lv_label: int, segmenter=None) -> 
     bar.close()
     for k in out["interslice"]:
         out["interslice"][k] = np.concatenate(out["interslice"][k])
+    out["rows"] = np.stack(out["rows"])
     return out
+
+
+def _ct_dice(item: dict, control) -> dict:
+    """One CT volume's Dice per group against its own map and against ``control`` = (name,
+    another subject's map) or None; a map of another shape gives no control value."""
+    row = {"name": item["name"], **M.ct_mask_adherence(item["image"], item["mask"])}
+    if control is not None and control[1].shape == item["mask"].shape:
+        row["control_map"] = control[0]
+        row.update({f"control_{g}": v for g, v in M.ct_mask_adherence(item["image"], control[1]).items()})
+    return row
 
 
 def _features(real: EvalSet, synthetic: EvalSet, features: str, encoder, cfg, quiet: bool, device="cpu") -> tuple:
@@ -105,6 +126,9 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
                      quiet: bool = True, seed: int = 0, device="cpu") -> dict:
     """All quality metrics of ``synthetic`` against ``real``; see the module docstrings.
 
+    ``real`` needs at least 2 volumes (the realism figure's reference is each real volume's
+    nearest other one).
+
     features: "encoder" (default), "medicalnet:PATH" or "radimagenet:PATH".
     encoder: a loaded CopyEncoder to use instead of training one on ``real``.
     segmenter: optional callable (image, affine) -> 4D label map for cine without labels.
@@ -113,8 +137,12 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
     """
     check_compatible(real, synthetic)
     syn_shape = same_shape(synthetic)
-    scan_r = _scan(real, quiet, max_ms_ssim_volumes, lv_label, segmenter)
-    scan_s = _scan(synthetic, quiet, max_ms_ssim_volumes, lv_label, segmenter)
+    if len(real) < 2:
+        raise EvalInputError(f"{real.arg}: need at least 2 volumes: the realism figure compares each real volume "
+                             f"with its nearest other real volume; found {len(real)}")
+    grid = M.realism_grid(syn_shape)
+    scan_r = _scan(real, quiet, max_ms_ssim_volumes, lv_label, grid, segmenter)
+    scan_s = _scan(synthetic, quiet, max_ms_ssim_volumes, lv_label, grid, segmenter)
 
     report: dict = {"kind": "quality",
                     "sets": {k: {"folder": str(x.root), "layout": x.layout, "n": len(x), "modality": x.modality,
@@ -146,6 +174,8 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
     report["mmd"] = {**M.mmd_rbf(fr, fs), "kernel": "Gaussian, bandwidth = median pairwise distance (pooled)",
                      "estimator": "unbiased MMD^2"}
 
+    report["realism"] = _realism(scan_r, scan_s, grid, synthetic.is_cine)
+
     report["inter_slice"] = {
         k: _compare(scan_r["interslice"][k], scan_s["interslice"][k]) for k in ("mad", "nmad", "pearson")}
     report["inter_slice"]["definition"] = ("adjacent slices along the third axis, intensities in [0, 1]: MAD = mean "
@@ -176,7 +206,8 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
         report["temporal"] = None
         report["cardiac"] = None
 
-    report["mask_adherence"] = _mask_adherence(real, synthetic, scan_r, scan_s)
+    report["mask_adherence"] = (_ct_mask_adherence(scan_r, scan_s) if synthetic.modality == "ct"
+                                and not synthetic.is_cine else _mask_adherence(real, synthetic, scan_r, scan_s))
     report["_pictures"] = {"real": scan_r["kept_raw"][:4], "synthetic": scan_s["kept_raw"][:4],
                            "ms_ssim_values": {"real": div_r.get("values", []), "synthetic": div_s.get("values", [])},
                            "interslice": {"real": scan_r["interslice"], "synthetic": scan_s["interslice"]},
@@ -186,8 +217,63 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
     return report
 
 
+def _realism(scan_r: dict, scan_s: dict, grid: tuple, cine: bool) -> dict:
+    """Nearest-neighbour realism (:func:`.memorization.nn_realism`) of the scanned rows."""
+    from .memorization import nn_realism
+
+    rows_r, rows_s = scan_r.pop("rows"), scan_s.pop("rows")
+    nn = nn_realism(rows_s, rows_r)
+    return {"ratio": nn["ratio"], "synthetic_median": nn["synthetic_median"], "real_median": nn["real_median"],
+            "synthetic": [{"name": n, "r": float(r)} for n, r in zip(scan_s["names"], nn["synthetic_nn_r"])],
+            "real": [{"name": n, "r": float(r)} for n, r in zip(scan_r["names"], nn["real_nn_r"])],
+            "grid": list(grid),
+            "representation": ("intensities in [0, 1] (CT: [-1000, 1000] HU; MR: min-max per volume), "
+                               "area-averaged by one integer factor so no spatial side exceeds 64 voxels"
+                               + ("; every frame kept (a real cine with another frame count: frames evenly "
+                                  "spaced over its cycle)" if cine else "")),
+            "definition": ("r = Pearson correlation of two volumes' voxels; synthetic: each synthetic volume's "
+                           "highest r with any real volume; real: each real volume's highest r with another real "
+                           "volume (leave one out); ratio = median synthetic / median real"),
+            "reading": ("1.0 = the samples are as close to the real population as new real subjects are; near 0 "
+                        "= noise or blotches; above 1 = closer than new subjects, as copies are (see `medgen eval "
+                        "memorization`). The population mean also scores about 1 (an average is close to "
+                        "everyone): read it together with the MS-SSIM diversity, which is near 1 for samples "
+                        "that are all alike.")}
+
+
+def _ct_mask_adherence(scan_r: dict, scan_s: dict) -> dict:
+    """CT: Dice between each volume's conditioning map (label groups) and a segmentation by HU
+    ranges, against its own map and, as the control, another subject's map; the real set's
+    (image, map) pairs, when it has maps, give what a perfect generator reaches."""
+    groups = list(M.CT_GROUPS)
+
+    def summary(rows):
+        return {"own_map": {g: M.describe([r[g] for r in rows]) for g in groups},
+                "swapped_map": {g: M.describe([r[f"control_{g}"] for r in rows if f"control_{g}" in r])
+                                for g in groups}}
+
+    if not scan_s["ct_dice"]:
+        return {"note": "--synthetic has no conditioning masks (NAME_mask.nii.gz or masks/)"}
+    out = {"synthetic": summary(scan_s["ct_dice"]),
+           "real_reference": summary(scan_r["ct_dice"]) if scan_r["ct_dice"] else None,
+           "per_volume": scan_s["ct_dice"], "real_per_volume": scan_r["ct_dice"],
+           "groups": {g: {"labels": list(M.CT_GROUPS[g]), "hu_range": list(M.CT_HU_RANGES[g])} for g in groups},
+           "segmentation": (f"voxels within {M.CT_REGION_RADIUS} voxel of the map's heart (every label of the "
+                            "groups) whose HU lie in the group's range [lo, hi), no smoothing; Dice against the "
+                            "map's voxels of the group. Ranges and region were chosen on real CT phantoms, where "
+                            "an image against its own map gives blood >= 0.98, myocardium >= 0.88"),
+           "control": ("swapped_map = each volume against the map of the previous volume with a map (the first "
+                       "against the last's)"),
+           "notes": []}
+    if len(scan_s["ct_dice"]) < 2:
+        out["notes"].append("one synthetic volume with a map: no swapped-map control")
+    if not scan_r["ct_dice"]:
+        out["notes"].append("--real has no masks: no real reference")
+    return out
+
+
 def _mask_adherence(real: EvalSet, synthetic: EvalSet, scan_r: dict, scan_s: dict) -> dict:
-    """Dice per structure between each synthetic volume's conditioning mask and an intensity
+    """MR: Dice per structure between each synthetic volume's conditioning mask and an intensity
     segmentation; the model of each structure's intensity is fitted on the real (image, mask)
     pairs, and the same segmentation of the real volumes gives the reference Dice."""
     if not scan_s["masks"]:

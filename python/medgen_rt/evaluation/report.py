@@ -370,6 +370,15 @@ def render_quality(report: dict, modality: str) -> tuple:
             ("MS-SSIM diversity (real, reference)", div["real"].get("mean")),
             ("FID", rep["fid"]["value"]), ("MMD^2", rep["mmd"]["mmd2"]),
             ("features", f"{rep['features']['extractor']}, {rep['features']['dims']} dims")]
+    rl = rep.get("realism")
+    if rl:
+        rows.append(("realism (nearest-neighbour r, synthetic median / real median)",
+                     f"{_cell(rl['ratio'])} ({_cell(rl['synthetic_median'])} / {_cell(rl['real_median'])})"))
+    ma = rep["mask_adherence"]
+    if "own_map" in (ma.get("synthetic") or {}):
+        for g, d in ma["synthetic"]["own_map"].items():
+            rows.append((f"mask adherence, {g} Dice: own map / swapped map (control), synthetic mean",
+                         f"{_cell(d.get('mean'))} / {_cell(ma['synthetic']['swapped_map'][g].get('mean'))}"))
     for k in ("mad", "nmad", "pearson"):
         rows.append((f"inter-slice {k.upper()}: real / synthetic mean, W1",
                      f"{_cell(rep['inter_slice'][k]['real'].get('mean'))} / "
@@ -382,6 +391,9 @@ def render_quality(report: dict, modality: str) -> tuple:
     page.p(f"MMD^2: {rep['mmd']['estimator']}, {rep['mmd']['kernel']} ({_cell(rep['mmd']['bandwidth'])}); near 0, "
            "and possibly slightly negative, when both sets come from one distribution.")
     page.p("Inter-slice consistency: " + rep["inter_slice"]["definition"] + ".")
+    if rl:
+        page.p("Realism: " + rl["reading"] + " Definition: " + rl["definition"] + "; computed on "
+               + rl["representation"] + f" (grid {' x '.join(str(v) for v in rl['grid'])}).")
     pictures = {}
 
     def add(name, img, caption):
@@ -418,9 +430,15 @@ def render_quality(report: dict, modality: str) -> tuple:
                      rep["cardiac"][k]["wasserstein"]) for k in ("ef_percent", "edv_ml", "esv_ml")])
     elif rep.get("cardiac"):
         page.p("Cardiac function: " + rep["cardiac"].get("note", ""))
+    if rl:
+        add("realism.png", histogram({"real -> nearest other real": [v["r"] for v in rl["real"]],
+                                      "synthetic -> nearest real": [v["r"] for v in rl["synthetic"]]},
+                                     "Pearson r with the nearest real volume", "Pearson r"),
+            f"Nearest-neighbour realism: ratio of the medians {_cell(rl['ratio'])}")
     page.h2("Mask adherence")
-    ma = rep["mask_adherence"]
-    if "synthetic" in ma:
+    if "own_map" in (ma.get("synthetic") or {}):
+        _ct_mask_section(page, ma)
+    elif "synthetic" in ma:
         labels = sorted(set(ma["synthetic"]) | set(ma["real_reference"]), key=int)
         page.table(["label", "Dice synthetic (mean)", "n", "Dice real reference (mean)"],
                    [(lab, ma["synthetic"].get(lab, {}).get("mean"), ma["synthetic"].get(lab, {}).get("n"),
@@ -434,6 +452,30 @@ def render_quality(report: dict, modality: str) -> tuple:
             add(f"examples/{key}_{name}.png", volume_panel(image, affine, modality), f"{key}: {name}")
     energy_section(page, rep.get("energy"))
     return rep, page, pictures
+
+
+def _ct_mask_section(page: Html, ma: dict) -> None:
+    """The CT mask adherence tables: Dice with the own map against the swapped-map control."""
+    ref = ma.get("real_reference") or {}
+    rows = []
+    for g, d in ma["synthetic"]["own_map"].items():
+        lo, hi = ma["groups"][g]["hu_range"]
+        rows.append((f"{g} (labels {', '.join(str(v) for v in ma['groups'][g]['labels'])}; {lo:g} to {hi:g} HU)",
+                     d.get("mean"), ma["synthetic"]["swapped_map"][g].get("mean"), d.get("n"),
+                     ref.get("own_map", {}).get(g, {}).get("mean"), ref.get("swapped_map", {}).get(g, {}).get("mean")))
+    page.table(["group", "Dice synthetic, own map (mean)", "Dice synthetic, swapped map (control)", "n",
+                "Dice real, own map", "Dice real, swapped map"], rows)
+    page.p("Mask adherence: does each generated volume follow its conditioning map? Own map well above the "
+           "swapped map (another subject's map) = it does; the two about equal = the map is ignored; the real "
+           "columns are what real subjects reach. Segmentation: " + ma["segmentation"] + ". Control: "
+           + ma["control"] + ".")
+    for note in ma.get("notes", []):
+        page.p("Note: " + note)
+    groups = list(ma["groups"])
+    page.table(["synthetic"] + [f"{g} Dice" for g in groups] + ["control map"]
+               + [f"{g} Dice (control)" for g in groups],
+               [[v["name"]] + [v.get(g) for g in groups] + [v.get("control_map")]
+                + [v.get(f"control_{g}") for g in groups] for v in ma["per_volume"]])
 
 
 def render_shared(shared: dict, info: dict) -> Html:

@@ -3,7 +3,7 @@ generation on top of a frozen DiT3D.
 
 mask (B, K, D, H, W) at image resolution, K = 1 (a label map scaled to [0, 1])
 or one channel per structure  ->  mask encoder (8, 16, 32, 64, 128 channels,
-four stride-2 convs, zero-initialised output conv to the hidden size)  ->
+four stride-2 convs by default, zero-initialised output conv to the hidden size)  ->
 resized to the token grid  ->  one control token per patch, times a per-sample
 gate sigmoid(Linear(t_emb)) and a per-layer learnable scale (0.1)  ->  added to
 the modulated attention input of the chosen blocks.
@@ -33,7 +33,7 @@ ENCODER_CHANNELS = (8, 16, 32, 64, 128)
 
 
 class MaskEncoder(nn.Module):
-    """Conditioning embedder: (B, K, D, H, W) -> (B, hidden, D/16, H/16, W/16)."""
+    """Conditioning embedder: (B, K, D, H, W) -> (B, hidden, D/s, H/s, W/s), s = 2^(len(channels) - 1)."""
 
     def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = ENCODER_CHANNELS):
         super().__init__()
@@ -63,10 +63,15 @@ class TGCA(nn.Module):
 
     def __init__(self, base: DiT, mask_channels: int, inject_layers: Optional[Union[int, Sequence[int]]] = None,
                  finetune_last_n_blocks: int = 0, condition_dropout_prob: float = 0.1,
-                 adapter_scale_init: float = 0.1, control_norm: bool = False):
+                 adapter_scale_init: float = 0.1, control_norm: bool = False,
+                 encoder_channels: Sequence[int] = ENCODER_CHANNELS):
         """control_norm: LayerNorm (no affine, eps 1e-6) of each scaled control before it is
         added, as the published VolDiT DiTBlock does (its ``control_norm``); converted
-        VolDiT checkpoints need it, models trained here do without (DESIGN §4)."""
+        VolDiT checkpoints need it, models trained here do without (DESIGN §4).
+        encoder_channels: the mask encoder's widths, one stride-2 stage between each pair.
+        The published four stages (16x) match a ct-ds8 latent with patch 2; for another
+        VQ-GAN factor x patch, len - 1 = log2(factor x patch) keeps one control token per
+        patch computed from its own voxels instead of interpolated from a coarser grid."""
         super().__init__()
         if base.config.spatial_dims != 3:
             raise ValueError("TGCA conditions DiT3D models (3D latents); the base model is 4D")
@@ -88,7 +93,7 @@ class TGCA(nn.Module):
         self.condition_dropout_prob = condition_dropout_prob
         self.control_norm = control_norm
         hidden = base.config.hidden_size
-        self.condition_embedder = MaskEncoder(mask_channels, hidden)
+        self.condition_embedder = MaskEncoder(mask_channels, hidden, tuple(encoder_channels))
         self.time_gate = nn.Linear(hidden, 1)
         nn.init.zeros_(self.time_gate.weight)
         nn.init.zeros_(self.time_gate.bias)

@@ -2,7 +2,8 @@
 files. The denoiser runs the diffusion loop on the latent, the VQ-GAN decodes it
 tile by tile, every phase is metered for energy.
 
-model: "default" (the embedded cine model), a run folder of `medgen train dit|unet|
+model: an embedded model by name (see EMBEDDED_MODELS: "default" or "cine" is the cine
+model, "ct" the mask-conditioned CT model), a run folder of `medgen train dit|unet|
 control` (its model.json names the VQ-GAN run), or a folder holding `dit/` (or
 `unet/`, `tgca/`, `controlnet/`) and `vae/` run folders.
 """
@@ -24,17 +25,29 @@ from medgen_rt.runtime.energy import EnergyMeter
 
 DENOISER_KINDS = ("dit", "unet", "tgca", "controlnet")
 DEFAULT_MODEL = "cmr4d-tiny"
+# the models shipped in medgen_rt/default_models (name -> what it makes) and their short names
+EMBEDDED_MODELS = {"cmr4d-tiny": "cine MR, 96x96x8 x 16 frames, unconditional",
+                   "ct-tiny": "thoracic CT, 64x64x32, conditioned on a cardiac label map (TGCA)"}
+ALIASES = {"default": DEFAULT_MODEL, "cine": "cmr4d-tiny", "ct": "ct-tiny"}
 
 
-def default_model_dir() -> Path:
-    return Path(str(resources.files("medgen_rt") / "default_models" / DEFAULT_MODEL))
+def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    return Path(str(resources.files("medgen_rt") / "default_models" / ALIASES.get(name, name)))
+
+
+def embedded_name(model: str) -> Optional[str]:
+    """The embedded model a --model argument names, or None for a folder."""
+    name = ALIASES.get(model, model)
+    return name if name in EMBEDDED_MODELS else None
 
 
 def resolve_model(model: str) -> tuple:
     """(denoiser run folder, VQ-GAN run folder) for a model argument."""
-    root = default_model_dir() if model in ("default", DEFAULT_MODEL) else Path(model)
+    name = embedded_name(model)
+    root = default_model_dir(name) if name else Path(model)
     if not root.exists():
-        raise ValueError(f"model {model!r}: no such model folder and not a known name (use 'default' or a run "
+        names = ", ".join(list(ALIASES) + list(EMBEDDED_MODELS))
+        raise ValueError(f"model {model!r}: no such model folder and not an embedded model ({names}; or a run "
                          "folder from `medgen train`)")
     if (root / "model.json").is_file():
         denoiser = root
@@ -283,7 +296,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         meta[i]["peak_memory_gb"]["decode"] = _peak_memory(dev)
         volume = image_to_volume(image, modality)
         entry = {"model": str(denoiser_dir), "vae": str(vae_dir), "kind": info["kind"],
-                 "preset": model if model in ("default", DEFAULT_MODEL) else None, "seed": seed + i, "index": i,
+                 "preset": embedded_name(model), "seed": seed + i, "index": i,
                  "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
                  **meta[i], "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
         if conditional:

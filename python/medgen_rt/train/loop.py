@@ -52,6 +52,13 @@ class TrainSettings:
     val_every: int = 100
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # denoisers: at every validation, sample this many volumes with monitor_steps steps and log
+    # realism and copy rate (medgen_rt.train.monitor); 0 turns it off
+    monitor_samples: int = 0
+    monitor_steps: int = 8
+    # keep the EMA weights of the validation whose realism is closest to 1 among those whose
+    # copy rate is at most this (run_dir/best/, a model folder of its own); None: only the last
+    keep_best_copy_rate: Optional[float] = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "TrainSettings":
@@ -83,6 +90,14 @@ def lr_factor(step: int, s: TrainSettings) -> float:
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(k, span) / span))
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay for the update after 0-based `step`, warmed up as diffusers' EMAModel does:
+    min(decay, (1 + step) / (10 + step)). Without the warm-up a decay of 0.999 still holds
+    0.999^2500 = 8% of the random initial weights after 2,500 steps (zero-initialised output
+    layers included), and a short CPU run ships a shrunken, noisy average."""
+    return min(float(decay), (1.0 + step) / (10.0 + step))
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
@@ -105,8 +120,10 @@ class Trainer:
     """Runs a task (see medgen_rt.train.tasks) for settings.steps steps in run_dir."""
 
     def __init__(self, task, settings: TrainSettings, run_dir: Path, dist: DistInfo, resume: bool = False,
-                 quiet: bool = False, energy: bool = True, country: Optional[str] = None, config_text: str = ""):
+                 quiet: bool = False, energy: bool = True, country: Optional[str] = None, config_text: str = "",
+                 monitor=None):
         self.task = task
+        self.monitor = monitor  # SampleMonitor or None
         self.s = settings
         self.run_dir = Path(run_dir)
         self.dist = dist
@@ -252,12 +269,64 @@ class Trainer:
         return f * self.s.lr
 
     def _update_ema(self) -> None:
-        d = self.s.ema_decay
+        d = ema_decay_at(self.step, self.s.ema_decay)
         with torch.no_grad():
             for m, mod in self.task.modules().items():
                 params = dict(mod.named_parameters())
                 for k, avg in self.ema[m].items():
                     avg.mul_(d).add_(params[k].detach().float(), alpha=1 - d)
+
+    # ---- quality and copying while training ---------------------------------------------------
+    def _swap_ema(self) -> None:
+        """Exchange the live parameters with their EMA averages (twice = unchanged)."""
+        with torch.no_grad():
+            for m, mod in self.task.modules().items():
+                params = dict(mod.named_parameters())
+                for k, avg in self.ema[m].items():
+                    live = params[k].detach().clone()
+                    params[k].copy_(avg)
+                    avg.copy_(live)
+
+    def _monitor(self) -> dict:
+        """Sample figures of the weights that ship (EMA when kept), as sample_* metrics."""
+        if self.monitor is None:
+            return {}
+        use_ema = self.ema is not None
+        if use_ema:
+            self._swap_ema()
+        try:
+            figures = self.monitor.evaluate(self.task.modules()["model"])
+            self._keep_best(figures)
+        finally:
+            if use_ema:
+                self._swap_ema()
+        return {f"sample_{k}": v for k, v in figures.items()}
+
+    def _keep_best(self, figures: dict) -> None:
+        """run_dir/best/: the model whose realism is closest to 1 under the copy-rate limit.
+        Called with the EMA weights in place, so they are what is written."""
+        limit = self.s.keep_best_copy_rate
+        if limit is None or self.step == 0 or figures["copy_rate"] > limit or not math.isfinite(figures["realism"]):
+            return
+        best_dir = self.run_dir / "best"
+        best_dir.mkdir(exist_ok=True)
+        if (best_dir / "model.json").is_file():
+            previous = json.loads((best_dir / "model.json").read_text()).get("selected", {})
+            # closest to 1, not highest: copies and population averages score at or above 1
+            if abs(1 - figures["realism"]) > abs(1 - previous.get("realism", math.inf)):
+                return
+        info = {**self.task.model_info(),
+                "selected": {"step": self.step, "copy_rate_limit": limit, **figures}}
+        weights = {m: ckpt.state_dict_tensors(mod) for m, mod in self.task.modules().items()}
+        ckpt.write_model_files(best_dir, weights, None, info)
+        log.info("step %d: best so far (realism %.3f, copy rate %.2f) -> %s", self.step, figures["realism"],
+                 figures["copy_rate"], best_dir)
+
+    def _draw_curves(self) -> None:
+        from medgen_rt.train.monitor import draw_curves
+
+        path = self.run_dir / "metrics.csv"
+        draw_curves(list(csv.DictReader(path.open())), self.run_dir / "quality.png")
 
     def _request_stop(self, signum, frame):
         # Ctrl-C and SIGTERM stop at the next step boundary (a KeyboardInterrupt raised
@@ -310,7 +379,8 @@ class Trainer:
                 if self.step == 0 and self.s.val_every and self.dist.is_main:
                     # the untrained model's validation terms: the baseline progress is measured against
                     self._log_metrics({"step": 0, "seconds": 0.0,
-                                       **{f"val_{k}": v for k, v in self.task.validate().items()}})
+                                       **{f"val_{k}": v for k, v in self.task.validate().items()},
+                                       **self._monitor()})
                 while self.step < self.s.steps:
                     if self._stop:
                         raise StopRequested()
@@ -324,10 +394,13 @@ class Trainer:
                         row = {"step": self.step, "seconds": round(time.perf_counter() - t0, 3), **logs}
                         if validate:
                             val = {f"val_{k}": v for k, v in self.task.validate().items()}
+                            val.update(self._monitor())
                             row.update(val)
                             if bar is not None:
                                 bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in val.items()))
                         self._log_metrics(row)
+                        if validate and self.monitor is not None:
+                            self._draw_curves()
                     if self.step % self.s.checkpoint_every == 0 and self.step < self.s.steps:
                         self.save_checkpoint()
         except (KeyboardInterrupt, StopRequested):

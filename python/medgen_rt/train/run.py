@@ -22,7 +22,9 @@ from medgen_rt.cli.train import STAGES as KINDS  # noqa: E402 - the CLI owns the
 def _settings(section: dict, args, where: str) -> TrainSettings:
     s = TrainSettings.from_dict(dict(section.get("train", {})), where + ".train")
     overrides = {k: getattr(args, a) for k, a in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"),
-                                                  ("seed", "seed"), ("checkpoint_every", "checkpoint_every"))
+                                                  ("seed", "seed"), ("checkpoint_every", "checkpoint_every"),
+                                                  ("monitor_samples", "monitor_samples"),
+                                                  ("keep_best_copy_rate", "keep_best_copy_rate"))
                  if getattr(args, a) is not None}
     return replace(s, **overrides) if overrides else s
 
@@ -118,6 +120,26 @@ def _control_task(args, cfg, device, where):
                         conditional=True, mask_labels=labels)
 
 
+def build_monitor(task, settings, stage_name: str):
+    """The SampleMonitor of a denoiser run, or None (monitoring off, or a VQ-GAN run)."""
+    if stage_name == "vae" or not settings.monitor_samples:
+        return None
+    from medgen_rt.models import load_model
+    from medgen_rt.train.monitor import SampleMonitor
+
+    vae_run = task.train_set.index.get("vae_run")
+    if not vae_run or not (Path(vae_run) / "model.json").is_file():
+        raise ValueError(f"monitor_samples: the VQ-GAN run the latents were encoded with ({vae_run}) is not found; "
+                         "set train.monitor_samples to 0 (or --monitor-samples 0) to train without sample figures")
+    if len(task.val_set) < 3:
+        log.warning("monitor off: the sample figures need at least 3 validation latents, found %d",
+                    len(task.val_set))
+        return None
+    vae, _ = load_model(vae_run)
+    log.info("monitor: decoding reference latents for the sample figures")
+    return SampleMonitor(task, vae.to(task.device), n_samples=settings.monitor_samples, steps=settings.monitor_steps)
+
+
 def main(args) -> int:
     dist = init_distributed(args.device)
     try:
@@ -133,8 +155,9 @@ def main(args) -> int:
                                                 for k, v in vars(settings).items()},
                                    "command": {k: v for k, v in vars(args).items() if k != "func"}},
                                   sort_keys=False)
+        monitor = build_monitor(task, settings, args.stage) if dist.is_main else None
         trainer = Trainer(task, settings, Path(args.out), dist, resume=args.resume, quiet=args.quiet,
-                          energy=not args.no_energy, country=args.country, config_text=resolved)
+                          energy=not args.no_energy, country=args.country, config_text=resolved, monitor=monitor)
         result = trainer.fit()
         if dist.is_main and not args.quiet:
             print(f"{'interrupted at' if result['interrupted'] else 'finished'} step {result['step']}: {args.out}")
