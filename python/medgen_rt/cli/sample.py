@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (mask-conditioned models)")
     p.add_argument("--masks", help="mask NIfTI or folder of them (TGCA / ControlNet models)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="mask-conditioned models: sample through the null condition, without masks")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
@@ -51,7 +53,8 @@ def run(args) -> int:
     results = sample(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
                      guidance=args.guidance, masks=args.masks, device=device, out=args.out, eta=args.eta,
                      max_vram=args.max_vram, energy=not args.no_energy, country=args.country,
-                     quiet=args.quiet or rank > 0, indices=range(rank, args.n, world))
+                     quiet=args.quiet or rank > 0, indices=range(rank, args.n, world),
+                     unconditional=args.unconditional)
     metadata = [dict(r["metadata"], files=r["files"], rank=rank) for r in results]
     if world > 1:
         import torch.distributed as dist
@@ -75,6 +78,8 @@ def _run_onnx(args) -> int:
 
     if args.max_vram:
         raise ValueError("--max-vram plans the torch runtime; the onnx engine decodes with fixed tiles")
+    if args.unconditional:
+        raise ValueError("--unconditional is not in the onnx engine yet; use --engine torch")
     engine = OnnxEngine(args.model, device=args.device)
     results = engine.sample(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
                             guidance=args.guidance, masks=args.masks, out=args.out, eta=args.eta,

@@ -153,7 +153,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
            sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
            energy: bool = True, country: Optional[str] = None, quiet: bool = True,
-           indices: Optional[list] = None, quantize: bool = True) -> list:
+           indices: Optional[list] = None, quantize: bool = True, unconditional: bool = False) -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
     volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
@@ -163,6 +163,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     the n volumes this process makes (several GPUs: see medgen_rt.sample).
     quantize: snap generated latents to the nearest codebook entries before decoding,
     as the published samplers do (False decodes the continuous latent).
+    unconditional: a mask-conditioned model samples with the null condition (the all-zero
+    map its condition dropout trained), without masks and without guidance.
     engine="onnx": `model` is a `medgen export onnx` folder, run by onnxruntime
     without PyTorch (medgen_rt.export.engine); its initial noise comes from numpy,
     so a seed gives other volumes than the torch runtime's.
@@ -177,6 +179,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
 
         if max_vram is not None or indices is not None:
             raise ValueError("engine 'onnx': max_vram and indices belong to the torch runtime")
+        if unconditional:
+            raise ValueError("engine 'onnx': unconditional sampling of a mask-conditioned model is not in the "
+                             "ONNX engine yet; use the torch engine")
         return OnnxEngine(model, device=device or "auto").sample(
             n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, masks=masks, out=out, eta=eta,
             energy=energy, country=country, quiet=quiet, quantize=quantize)
@@ -204,9 +209,17 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     conditional = info["kind"] in ("tgca", "controlnet")
     mask_items = None
     if conditional:
-        if masks is None:
-            raise ValueError(f"model {model!r} is mask-conditioned: pass masks (a NIfTI file or a folder)")
-        mask_items = _load_masks(masks, info, n, image_shape)
+        if unconditional:
+            if masks is not None:
+                raise ValueError("masks and unconditional exclude each other: the null condition has no map")
+            guidance = None
+            null_map = torch.zeros((len(info.get("mask_labels") or []),) + tuple(image_shape[:3]))
+            mask_items = [(None, null_map, None)] * n
+        elif masks is None:
+            raise ValueError(f"model {model!r} is mask-conditioned: pass masks (a NIfTI file or a folder), or "
+                             "sample unconditionally (--unconditional) through the null condition")
+        else:
+            mask_items = _load_masks(masks, info, n, image_shape)
     elif masks is not None:
         raise ValueError(f"model {model!r} is not mask-conditioned; masks cannot be used")
     if out is not None:
@@ -258,7 +271,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         with meter.phase("denoise"):
             z = D.sample(fn, noise.shape, schedule, sampler=sampler, steps=steps, eta=eta,
                          guidance_scale=guidance if conditional else None, cond=cond, null_cond=null,
-                         noise=noise, generator=gen, device=dev, prediction_type=diff.get("prediction"),
+                         noise=noise, generator=gen, device=dev,
+                         # flow runs record the DDPM default prediction; the Euler sampler takes velocity only
+                         prediction_type=diff.get("prediction") if objective == "ddpm" else None,
                          progress=(lambda k, total: bar.update(len(group))) if bar is not None else None)
         seconds = (time.perf_counter() - t0) / len(group)
         peak = _peak_memory(dev)
@@ -300,7 +315,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                  "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
                  **meta[i], "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
         if conditional:
-            entry["mask"] = str(mask_items[i][0])
+            entry["mask"] = "null condition" if unconditional else str(mask_items[i][0])
         results.append({"volume": volume, "affine": affine, "metadata": entry, "files": {},
                         "mask": mask_items[i][2] if conditional else None})
     return finish_results(results, meter.report(per=len(indices)), out, modality, geometry)
