@@ -515,3 +515,18 @@ def test_bad_arguments(sched):
         D.sample_flow_timesteps(4, "beta")
     with pytest.raises(ValueError, match="t"):
         D.flow_training_pair(x, x, torch.tensor([1.5]))
+
+
+def test_flow_logit_mean_moves_training_times_to_high_noise():
+    """flow_logit_mean = log(s) draws times as SD3's shift s: median t = s / (1 + s)."""
+    import math
+
+    from medgen_rt.train.tasks import DiffusionSettings
+
+    x0 = torch.zeros(1, 2, 4, 4, 4)
+    for mean, median in ((0.0, 0.5), (math.log(3.0), 0.75)):
+        d = DiffusionSettings(objective="flow", flow_logit_mean=mean)
+        gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+        t = torch.cat([d.noisy_pair(x0, [g], "cpu")[1] for g in gens]) / 1000.0
+        assert abs(float(t.median()) - median) < 0.02
+        assert d.to_dict()["flow_logit_mean"] == mean

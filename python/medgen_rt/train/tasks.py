@@ -25,7 +25,11 @@ class DiffusionSettings:
     """The diffusion part of a config: objective, schedule, prediction, loss."""
 
     def __init__(self, objective: str = "ddpm", schedule: str = "cosine", timesteps: int = 300,
-                 prediction: str = "v_prediction", loss: str = "smooth_l1", flow_timestep_sampling: str = "logit_normal"):
+                 prediction: str = "v_prediction", loss: str = "smooth_l1", flow_timestep_sampling: str = "logit_normal",
+                 flow_logit_mean: float = 0.0):
+        """flow_logit_mean: centre of the logit-normal training times. 0 is the published
+        setting; log(s) draws times as SD3's shift s does (more of them at high noise, where
+        a large latent keeps most of its structure and the global layout is decided)."""
         if objective not in ("ddpm", "flow"):
             raise ValueError(f"diffusion.objective must be ddpm or flow, got {objective!r}")
         self.objective = objective
@@ -34,18 +38,20 @@ class DiffusionSettings:
         self.prediction = prediction
         self.loss = loss
         self.flow_timestep_sampling = flow_timestep_sampling
+        self.flow_logit_mean = float(flow_logit_mean)
         self.schedule = D.make_schedule(schedule, self.timesteps) if objective == "ddpm" else None
 
     def to_dict(self) -> dict:
         return {"objective": self.objective, "schedule": self.schedule_kind, "timesteps": self.timesteps,
                 "prediction": self.prediction, "loss": self.loss,
-                "flow_timestep_sampling": self.flow_timestep_sampling}
+                "flow_timestep_sampling": self.flow_timestep_sampling, "flow_logit_mean": self.flow_logit_mean}
 
     def noisy_pair(self, x0: torch.Tensor, gens: list, device) -> tuple:
         """(x_t, model timesteps, target) for a batch, with per-sample generators."""
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         if self.objective == "flow":
-            t = torch.stack([D.sample_flow_timesteps(1, self.flow_timestep_sampling, generator=g)[0] for g in gens])
+            t = torch.stack([D.sample_flow_timesteps(1, self.flow_timestep_sampling, logit_mean=self.flow_logit_mean,
+                                                     generator=g)[0] for g in gens])
             t = t.to(device)
             x_t, target = D.flow_training_pair(x0, noise, t)
             return x_t, D.flow_model_timesteps(t), target
