@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="path prefix of the JSON and PNG")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--train-refs", type=int, default=48, help="training reconstructions to screen copies against")
     p.add_argument("--latents", help="latents folder (default: the one recorded in the run's config.yaml)")
     p.add_argument("--vae", help="VQ-GAN run (default: the one the latents name)")
     a = p.parse_args(argv)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
 
     vae, _ = load_model(a.vae or task.train_set.index["vae_run"])
     t0 = time.perf_counter()
-    monitor = SampleMonitor(task, vae, n_samples=a.samples, steps=a.steps)
+    monitor = SampleMonitor(task, vae, n_samples=a.samples, steps=a.steps, n_train_refs=a.train_refs)
     print(f"references decoded in {time.perf_counter() - t0:.0f} s; copy threshold {monitor.threshold:.4f}",
           flush=True)
     model = task.modules()["model"]
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(a.run), "samples": a.samples, "sampler_steps": a.steps, "sampler": monitor.sampler,
+    result = {"run": str(a.run), "samples": a.samples, "train_refs": len(monitor.train_rows),
+              "val_refs": len(monitor.val_rows), "sampler_steps": a.steps, "sampler": monitor.sampler,
               "copy_threshold": monitor.threshold, "weights": "EMA", "rows": rows,
               "definition": "medgen_rt.train.monitor: realism = median nearest-neighbour r of the samples with the "
                             "validation reconstructions / the validation reconstructions' own leave-one-out median; "

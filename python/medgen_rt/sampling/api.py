@@ -126,8 +126,14 @@ def decode_latent(vae, latent: torch.Tensor, chunk: int, axis: Optional[int] = N
             retry(f"tiles of {core} latent voxels")
 
 
-def _load_masks(masks, info: dict, n: int, image_shape: tuple) -> list:
-    """Mask NIfTI file(s) -> one-hot (K, *image) tensors, checked against the model."""
+def _voxel_size(affine) -> np.ndarray:
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def _load_masks(masks, info: dict, n: int, image_shape: tuple, affine: np.ndarray) -> list:
+    """Mask NIfTI file(s) -> (path, one-hot (K, *image) tensor, labels, the mask's affine), checked
+    against the model: shape, integer labels it knows, and its voxel size (a map at another
+    scale would be drawn at the model's scale)."""
     from medgen_rt.io import is_nifti_path, read_volume
 
     labels = info.get("mask_labels") or []
@@ -137,7 +143,8 @@ def _load_masks(masks, info: dict, n: int, image_shape: tuple) -> list:
         raise ValueError(f"--masks {masks}: no NIfTI masks found")
     out = []
     for f in files:
-        vol = read_volume(f, dtype=None).array
+        mask = read_volume(f, dtype=None)
+        vol = mask.array
         if tuple(vol.shape) != tuple(image_shape[:3]):
             raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model generates {tuple(image_shape[:3])}")
         if not np.all(np.equal(np.mod(vol, 1), 0)):
@@ -145,7 +152,12 @@ def _load_masks(masks, info: dict, n: int, image_shape: tuple) -> list:
         unknown = sorted(set(np.unique(vol).astype(int).tolist()) - {0} - set(labels))
         if unknown:
             raise ValueError(f"{f}: labels {unknown} are not among the model's mask labels {labels}")
-        out.append((f, torch.stack([torch.from_numpy(vol == v) for v in labels]).float(), vol.astype(np.uint8)))
+        want, got = _voxel_size(affine), _voxel_size(mask.affine)
+        if not np.allclose(got, want, rtol=0.01):
+            raise ValueError(f"{f}: voxel size {tuple(np.round(got, 3))} mm but the model was trained at "
+                             f"{tuple(np.round(want, 3))} mm")
+        out.append((f, torch.stack([torch.from_numpy(vol == v) for v in labels]).float(), vol.astype(np.uint8),
+                    np.asarray(mask.affine, dtype=np.float64)))
     return [out[i % len(out)] for i in range(n)]
 
 
@@ -214,12 +226,12 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                 raise ValueError("masks and unconditional exclude each other: the null condition has no map")
             guidance = None
             null_map = torch.zeros((len(info.get("mask_labels") or []),) + tuple(image_shape[:3]))
-            mask_items = [(None, null_map, None)] * n
+            mask_items = [(None, null_map, None, affine)] * n
         elif masks is None:
             raise ValueError(f"model {model!r} is mask-conditioned: pass masks (a NIfTI file or a folder), or "
                              "sample unconditionally (--unconditional) through the null condition")
         else:
-            mask_items = _load_masks(masks, info, n, image_shape)
+            mask_items = _load_masks(masks, info, n, image_shape, affine)
     elif masks is not None:
         raise ValueError(f"model {model!r} is not mask-conditioned; masks cannot be used")
     if out is not None:
@@ -316,7 +328,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                  **meta[i], "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
         if conditional:
             entry["mask"] = "null condition" if unconditional else str(mask_items[i][0])
-        results.append({"volume": volume, "affine": affine, "metadata": entry, "files": {},
+        # a conditioned volume takes its map's geometry, so the two overlay in any viewer
+        results.append({"volume": volume, "affine": mask_items[i][3] if conditional else affine,
+                        "metadata": entry, "files": {},
                         "mask": mask_items[i][2] if conditional else None})
     return finish_results(results, meter.report(per=len(indices)), out, modality, geometry)
 
