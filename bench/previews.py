@@ -49,7 +49,7 @@ def cine(real: list, synthetic: list, out: Path, frames: int = 6, tile: int = 72
                                                                    max_frames=frames, tile=tile)),
                                      f"{kind} {k + 1}: slices (rows) x frames over the cycle"))
         columns.append(_stack(montages, vertical=True))
-    _stack(columns, vertical=False, gap=16).save(out.with_suffix(".png"))
+    _stack(columns, vertical=False, gap=16).convert("L").save(out.with_suffix(".png"), optimize=True)
     # the GIF: first real and first synthetic volume side by side, every slice, every frame
     gifs = []
     for kind, p in (("phantom", real[0]), ("sample", synthetic[0])):
@@ -78,7 +78,7 @@ def ct(real: list, synthetic: list, masks: list, out: Path, height: int = 160) -
             cells.append(_caption(Image.open(write_ct_preview(tmp / f"{k}{name[:3]}.png", vol, affine,
                                                               height=height)), f"{name} {k + 1}"))
         rows.append(_stack(cells, vertical=False, gap=12))
-    _stack(rows, vertical=True, gap=8).save(out.with_suffix(".png"))
+    _stack(rows, vertical=True, gap=8).convert("L").save(out.with_suffix(".png"), optimize=True)
 
 
 def _read(path) -> tuple:

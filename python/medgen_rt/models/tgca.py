@@ -43,6 +43,13 @@ class MaskEncoder(nn.Module):
             self.blocks.append(nn.Conv3d(c_in, c_in, 3, padding=1))
             self.blocks.append(nn.Conv3d(c_in, c_out, 3, stride=2, padding=1))
         self.conv_out = nn.Conv3d(channels[-1], out_channels, 3, padding=1)
+        # He initialisation: with PyTorch's default the activations of a sparse one-hot map shrink
+        # about 3x per convolution, the embedder's output was ~3e-4 after seven of them, and a
+        # freshly trained adapter left the samples unchanged (output difference with and without
+        # the map ~4e-7 after 250 steps)
+        for conv in [self.conv_in, *self.blocks]:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
