@@ -92,10 +92,16 @@ def test_decode_halves_the_chunk_then_tiles_on_out_of_memory(monkeypatch):
 
 
 def test_batched_sampling_equals_one_at_a_time():
-    both = medgen_rt.sample("default", n=2, seed=5, steps=4, energy=False)
-    second = medgen_rt.sample("default", n=1, seed=6, steps=4, energy=False)
+    # the continuous latent agrees to rounding; snapped to the codebook, a vector within rounding
+    # of two entries may snap differently (a batch of 2 rounds its GEMMs differently), changing
+    # only its own patch
+    both = medgen_rt.sample("default", n=2, seed=5, steps=4, energy=False, quantize=False)
+    second = medgen_rt.sample("default", n=1, seed=6, steps=4, energy=False, quantize=False)
     assert both[0]["metadata"]["plan"]["batch"] == 2 and both[1]["metadata"]["seed"] == 6
     np.testing.assert_allclose(both[1]["volume"], second[0]["volume"], atol=1e-4)
+    both = medgen_rt.sample("default", n=2, seed=5, steps=4, energy=False)
+    second = medgen_rt.sample("default", n=1, seed=6, steps=4, energy=False)
+    assert np.mean(np.abs(both[1]["volume"] - second[0]["volume"]) < 1e-4) > 0.99
 
 
 def test_torchrun_splits_volumes_and_merges_one_summary(tmp_path):
