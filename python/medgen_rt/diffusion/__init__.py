@@ -53,6 +53,7 @@ from .samplers import (
     ddim_step,
     ddpm_step,
     guided_model_output,
+    network_fn,
     sample,
     timesteps_for,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "latent_scale_factor",
     "latent_stats",
     "make_schedule",
+    "network_fn",
     "sample",
     "sample_flow_timesteps",
     "timesteps_for",

@@ -285,6 +285,20 @@ def guided_model_output(model_fn, x, t_model, cond, null_cond, guidance_scale):
 # --------------------------------------------------------------------------- #
 # the loop
 # --------------------------------------------------------------------------- #
+def network_fn(model, conditional: bool, dtype: torch.dtype = torch.float32) -> Callable:
+    """A denoiser network as the samplers call it (``model_fn(x_t, t, cond)``): float32 latents
+    in and out, the network in ``dtype``, a scalar or 0-d ``t`` spread over the batch; ``cond``
+    is passed on only for conditional networks."""
+    def fn(x, t, cond):
+        t = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        x = x.to(dtype)
+        out = model(x, t, cond.to(dtype)) if conditional else model(x, t)
+        return out.float()
+    return fn
+
+
 def sample(
     model_fn: Callable,
     shape: Sequence[int],

@@ -80,18 +80,6 @@ def _peak_memory(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
-def _model_fn(model, conditional: bool, dtype: torch.dtype = torch.float32):
-    """The denoiser as the samplers call it: float32 latents in and out, the network in `dtype`."""
-    def fn(x, t, cond):
-        t = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        x = x.to(dtype)
-        out = model(x, t, cond.to(dtype)) if conditional else model(x, t)
-        return out.float()
-    return fn
-
-
 def decode_latent(vae, latent: torch.Tensor, chunk: int, axis: Optional[int] = None, progress=None,
                   log=None) -> torch.Tensor:
     """Decode with the least memory that works: streamed (medgen_rt VQ-GANs) with `chunk`
@@ -265,7 +253,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         from tqdm import tqdm
 
         bar = tqdm(total=len(indices) * steps, desc="denoise", unit="step", dynamic_ncols=True)
-    fn = _model_fn(net, conditional, dtype)
+    fn = D.network_fn(net, conditional, dtype)
     latents, meta = {}, {}
     for first in range(0, len(indices), batch):
         group = indices[first:first + batch]

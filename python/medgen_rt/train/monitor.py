@@ -92,16 +92,11 @@ class SampleMonitor:
             cond = torch.stack(self.masks).to(task.device)
             null = torch.zeros_like(cond)
 
-        def fn(x, t, c):
-            t = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
-            t = t.expand(x.shape[0]) if t.dim() == 0 else t
-            return model(x, t, c) if task.conditional else model(x, t)
-
         diff = task.diffusion
-        z = D.sample(fn, shape, diff.schedule, sampler=self.sampler, steps=self.steps,
-                     guidance_scale=self.guidance if task.conditional else None, cond=cond, null_cond=null,
-                     noise=noise, device=task.device, prediction_type=diff.prediction if diff.objective == "ddpm"
-                     else None)
+        z = D.sample(D.network_fn(model, task.conditional), shape, diff.schedule, sampler=self.sampler,
+                     steps=self.steps, guidance_scale=self.guidance if task.conditional else None, cond=cond,
+                     null_cond=null, noise=noise, device=task.device,
+                     prediction_type=diff.prediction if diff.objective == "ddpm" else None)
         model.train(was_training)
         return z.float().cpu() / task.scale
 
