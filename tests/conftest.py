@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Without a GPU, Triton kernels can only run in Triton's interpreter; it must be
 # switched on before triton is first imported. On a GPU machine leave it off so
 # the Triton tests exercise the real kernels.
@@ -8,3 +10,15 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: on 2 shared cores the OpenMP threads of small
+    convolutions wait on each other, and one thread trains the copy encoder ~20x faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

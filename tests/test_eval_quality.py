@@ -21,12 +21,7 @@ CT_SMALL = dict(shape=(64, 64, 32), spacing=(5.6, 5.6, 8.0))
 CINE_SMALL = dict(shape=(32, 32, 6), n_frames=8, spacing=(4.5, 4.5, 10.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _volumes01(kind: str, seed: int, n: int = N) -> np.ndarray:

@@ -30,14 +30,7 @@ N_TRAIN = N_VAL = N_FRESH = 40
 N_PLANTED = 10  # training subjects copied exactly, and the same ten lightly augmented
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On 2 shared cores the OpenMP threads of small convolutions wait on each other: one
-    # thread trains the encoder ~20x faster there.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ct(seed: int, i: int):
