@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from medgen_rt.cli import main
 from medgen_rt.data.phantoms import _gaussian_blur, make_cine_phantom, make_ct_phantom, subject_seed
