@@ -228,7 +228,10 @@ def _realism(scan_r: dict, scan_s: dict, grid: tuple, cine: bool) -> dict:
             "real": [{"name": n, "r": float(r)} for n, r in zip(scan_r["names"], nn["real_nn_r"])],
             "grid": list(grid),
             "representation": ("intensities in [0, 1] (CT: [-1000, 1000] HU; MR: min-max per volume), "
-                               "area-averaged by one integer factor so no spatial side exceeds 64 voxels"
+                               "area-averaged by one integer factor so no spatial side exceeds 64 voxels, then "
+                               "each slice band-passed by a difference of Gaussians (sigma "
+                               f"{M.REALISM_BAND_SIGMAS[0]:g} and {M.REALISM_BAND_SIGMAS[1]:g} grid voxels) so "
+                               "the edges of structures count, not only their layout"
                                + ("; every frame kept (a real cine with another frame count: frames evenly "
                                   "spaced over its cycle)" if cine else "")),
             "definition": ("r = Pearson correlation of two volumes' voxels; synthetic: each synthetic volume's "
@@ -236,8 +239,8 @@ def _realism(scan_r: dict, scan_s: dict, grid: tuple, cine: bool) -> dict:
                            "volume (leave one out); ratio = median synthetic / median real"),
             "reading": ("1.0 = the samples are as close to the real population as new real subjects are; near 0 "
                         "= noise or blotches; above 1 = closer than new subjects, as copies are (see `medgen eval "
-                        "memorization`). The population mean also scores about 1 (an average is close to "
-                        "everyone): read it together with the MS-SSIM diversity, which is near 1 for samples "
+                        "memorization`); blurred volumes score low. The population mean can still score high where "
+                        "subjects agree: read it together with the MS-SSIM diversity, which is near 1 for samples "
                         "that are all alike.")}
 
 

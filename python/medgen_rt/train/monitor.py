@@ -16,7 +16,8 @@ the decoder's own blur counts against neither side:
 * mmd2: unbiased MMD^2 between samples and validation volumes (0 for the same population).
 
 Rows are the decoded images in [0, 1] on the grid of ``medgen eval quality``'s realism
-figure (``evaluation.metrics.realism_row``).
+figure, band-passed like it (``evaluation.metrics.realism_row``), for the copy rate too:
+fresh subjects share the layout of the training ones, their edges less so.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from medgen_rt.evaluation.metrics import mmd_rbf, realism_grid, realism_row
 
 def image_row(image: torch.Tensor) -> np.ndarray:
     """Decoded image (1, X, Y, Z[, T]) in [-1, 1] -> the row `medgen eval quality` compares
-    volumes on (``evaluation.metrics.realism_row``: [0, 1], area-averaged to <= 64 per side)."""
+    volumes on (``evaluation.metrics.realism_row``: [0, 1], area-averaged to <= 64 per side,
+    band-passed)."""
     v01 = ((image[0].float().clamp(-1, 1) + 1) / 2).numpy()
     return realism_row(v01, realism_grid(v01.shape))
 
