@@ -25,7 +25,10 @@ import numpy as np
 from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
 from medgen_rt.runtime.energy import EnergyMeter
 from medgen_rt.runtime.tiling import plan_tiles
-from medgen_rt.sampling.summary import finish_results, image_to_volume
+from medgen_rt.io.outputs import OutputFolder
+from medgen_rt.sampling.summary import (VolumeWriter, check_guidance, check_request, image_to_volume, memory_key,
+                                        portable_path)
+from medgen_rt.sampling.validate import check_manifest, check_session_input, export_file, load_codebook
 
 MANIFEST = "medgen_export.json"
 
@@ -44,15 +47,18 @@ def read_manifest(folder) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
         raise ExportError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path}: expected a JSON object, found a JSON {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ExportError(f"{folder}: exported by medgen_rt {manifest.get('medgen_rt_version')} in format "
                           f"version {version}; this medgen_rt reads up to version {FORMAT_VERSION}: upgrade it")
-    for name in manifest.get("files", {}).values():
-        if not (folder / name).is_file():
-            raise ExportError(f"{folder}: {name} is missing from the export")
+    try:  # keys, geometry, and files only inside the export folder (medgen_rt.sampling.validate)
+        check_manifest(folder, manifest)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     return manifest
 
 
@@ -76,7 +82,11 @@ class _Session:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's own error types: a truncated or foreign file
+            raise ExportError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: "
+                              f"{str(exc).strip()[:300]})") from None
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
         self.cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -98,7 +108,7 @@ class _Session:
 def ddim_timesteps(steps: int, T: int) -> list:
     """Leading spacing: k * (T // n) for k = n-1 .. 0 (medgen_rt.diffusion.timesteps_for)."""
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        raise ValueError(f"--steps must be in [1, {T}] for this model, got {steps}")
     return [k * (T // steps) for k in range(steps - 1, -1, -1)]
 
 
@@ -237,9 +247,28 @@ class OnnxEngine:
                 raise ExportError(f"{self.folder}: no {precision} {part} in this export")
         self.providers = _providers(device)
         self.dtype = np.float32 if precision == "fp32" else np.float16
-        self.denoiser = _Session(self.folder / files[f"denoiser{suffix}"], self.providers)
-        self.decoder = _Session(self.folder / files[f"decoder{suffix}"], self.providers)
-        self.codebook = np.load(self.folder / self.manifest["codebook"]).astype(np.float32)
+        manifest_path = self.folder / MANIFEST
+        denoiser, decoder = (export_file(self.folder, manifest_path, f"files.{k}{suffix}", files[f"{k}{suffix}"])
+                             for k in ("denoiser", "decoder"))
+        self.denoiser = _Session(denoiser, self.providers)
+        self.decoder = _Session(decoder, self.providers)
+        self._check_sessions(manifest_path, denoiser, decoder)
+        self.codebook = load_codebook(export_file(self.folder, manifest_path, "codebook", self.manifest["codebook"]),
+                                      manifest_path, self.manifest["decoder"]["embedding_dim"])
+
+    def _check_sessions(self, manifest_path: Path, denoiser: Path, decoder: Path) -> None:
+        """The ONNX models take the shapes the manifest says (a wrong latent_shape fails here, not mid-run)."""
+        m = self.manifest
+        try:
+            check_session_input(denoiser, manifest_path, self.denoiser.session, "x",
+                                [None] + list(m["latent_shape"]), "latent_shape")
+            if m["conditional"]:
+                check_session_input(denoiser, manifest_path, self.denoiser.session, "mask",
+                                    [None] + list(m["mask_shape"]), "mask_shape")
+            check_session_input(decoder, manifest_path, self.decoder.session, "z",
+                                [None, m["decoder"]["embedding_dim"], None, None, None], "decoder.embedding_dim")
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
 
     @property
     def device(self) -> str:
@@ -259,12 +288,17 @@ class OnnxEngine:
     def sample(self, n: int = 1, seed: int = 0, steps: Optional[int] = None, sampler: Optional[str] = None,
                guidance: Optional[float] = None, masks=None, out=None, eta: float = 0.0, energy: bool = True,
                country: Optional[str] = None, quiet: bool = True, noise: Optional[np.ndarray] = None,
-               core: Optional[Sequence[int]] = None, quantize: bool = True) -> list:
+               core: Optional[Sequence[int]] = None, quantize: bool = True, overwrite: bool = False) -> list:
         """Like medgen_rt.sample; noise (n, *latent) replaces the seeded initial noise
         (to compare with the torch runtime on the same start)."""
+        if out is not None and not isinstance(out, OutputFolder):
+            # a path: this call owns the folder and its lock until it returns
+            params = {k: v for k, v in locals().items() if k != "self"}
+            with OutputFolder(out, overwrite=overwrite) as folder:
+                return self.sample(**{**params, "out": folder})
         m = self.manifest
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_request(n, seed, steps, guidance, eta)
+        check_guidance(guidance, m["conditional"], False, repr(str(self.folder)))
         latent_shape = tuple(m["latent_shape"])
         diff = m["diffusion"]
         sampler = sampler or ("euler" if diff["objective"] == "flow" else "ddim")
@@ -281,15 +315,23 @@ class OnnxEngine:
         mask_items = self._masks(masks, n) if m["conditional"] else None
         if masks is not None and not m["conditional"]:
             raise ValueError("this export is not mask-conditioned; masks cannot be used")
+        if sampler == "ddim":
+            ddim_timesteps(steps, diff["timesteps"])  # more steps than the schedule has: refused before any file
         if out is not None:
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
+            out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
         meter = EnergyMeter(country=country, enabled=energy)
         geometry = m.get("geometry") or {}
         affine = np.asarray(geometry.get("affine") or np.eye(4))
         modality = m.get("modality")
         core = core or [min(s, 32) for s in latent_shape[1:]]
-        results = []
+        # each volume goes to disk as soon as it is decoded, as in the torch runtime
+        writer = VolumeWriter(out, meter, modality, geometry)
+        base = out.path if out is not None else None  # sidecar paths are relative to the output folder
+        bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n * steps, desc="denoise", unit="step", dynamic_ncols=True)
         for i in range(n):
             start = noise[i:i + 1] if noise is not None else \
                 np.random.default_rng(seed + i).standard_normal((1,) + latent_shape, dtype=np.float32)
@@ -298,31 +340,45 @@ class OnnxEngine:
             with meter.phase("denoise"):
                 z = sample_loop(self.denoise, start, m, sampler, steps, eta=eta,
                                 guidance=guidance if m["conditional"] else None, cond=cond,
-                                rng=np.random.default_rng(seed + i))
+                                rng=np.random.default_rng(seed + i),
+                                progress=(lambda k, total: bar.update(1)) if bar is not None else None)
             t1 = time.perf_counter()
             peak = {"denoise": _peak_rss_gb()}
+            tile_bar = None
+            if not quiet:
+                from tqdm import tqdm
+
+                tile_bar = tqdm(desc="decode", unit="tile", dynamic_ncols=True, leave=False)
             with meter.phase("decode"):
                 z = z / np.float32(m["scale_factor"])
                 z = snap_to_codebook(z, self.codebook) if quantize else z
-                image = tiled_decode_numpy(self.decode, z, m, core)[0, 0]
+                image = tiled_decode_numpy(self.decode, z, m, core,
+                                           progress=(lambda k, total: (setattr(tile_bar, "total", total),
+                                                                       tile_bar.update(k - tile_bar.n)))
+                                           if tile_bar is not None else None)[0, 0]
+            if tile_bar is not None:
+                tile_bar.close()
             t2 = time.perf_counter()
             peak["decode"] = _peak_rss_gb()
             volume = image_to_volume(image, modality)
-            meta = {"model": str(self.folder), "kind": m["kind"], "seed": seed + i, "index": i, "sampler": sampler,
-                    "steps": steps, "eta": eta, "guidance": guidance if m["conditional"] else None,
+            meta = {"model": portable_path(self.folder, base), "kind": m["kind"], "seed": seed + i, "index": i,
+                    "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if m["conditional"] else None,
                     "timings_s": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
-                    # process peak RSS so far (onnxruntime reports no GPU peak)
-                    "peak_memory_gb": peak, "device": self.device, "engine": "onnx", "providers": self.providers,
+                    # process peak RSS so far, also on a GPU (onnxruntime reports no GPU peak)
+                    memory_key("cpu"): peak, "device": self.device, "engine": "onnx", "providers": self.providers,
                     "precision": "fp32" if self.dtype == np.float32 else "fp16",
                     "exported_by": m.get("medgen_rt_version")}
             if mask_items:
-                meta["mask"] = str(mask_items[i][0])
-            results.append({"volume": volume, "affine": affine, "metadata": meta, "files": {},
-                            "mask": mask_items[i][2] if mask_items else None})
-        return finish_results(results, meter.report(per=n), out, modality, geometry)
+                meta["mask"] = portable_path(mask_items[i][0], base)
+            writer.add({"volume": volume, "affine": affine, "metadata": meta, "files": {},
+                        "mask": mask_items[i][2] if mask_items else None})
+        if bar is not None:
+            bar.close()
+        return writer.finish()
 
     def _masks(self, masks, n: int) -> list:
         from medgen_rt.io import is_nifti_path, read_volume
+        from medgen_rt.io.nifti import check_labels
 
         if masks is None:
             raise ValueError("this export is mask-conditioned: pass masks (a NIfTI file or a folder)")
@@ -337,8 +393,6 @@ class OnnxEngine:
             vol = read_volume(f, dtype=None).array
             if tuple(vol.shape) != want:
                 raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model takes {want}")
-            unknown = sorted(set(np.unique(vol).astype(int).tolist()) - {0} - set(labels))
-            if unknown:
-                raise ValueError(f"{f}: labels {unknown} are not among the model's mask labels {labels}")
+            check_labels(f, vol, labels, "the model's mask labels")  # the one label check of every reader
             items.append((f, np.stack([(vol == v) for v in labels]).astype(np.float32), vol.astype(np.uint8)))
         return [items[i % len(items)] for i in range(n)]

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medgen_rt.io.atomic import temp_sibling
+
 FORMAT = "medgen_rt-onnx"
 FORMAT_VERSION = 1
 OPSET = 18
@@ -141,7 +143,7 @@ def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, qu
     conditional = info["kind"] in ("tgca", "controlnet")
     latent_shape = tuple(info["latent_shape"])
     cine = isinstance(vae, CineVQGAN)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_sibling(out)  # shortened when a long --out name would overflow NAME_MAX
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files: dict = {}

@@ -115,7 +115,7 @@ def test_bad_combinations(tmp_path, capsys, argv, rc, msg):
 def test_out_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    assert run(parse("ct", "--n", "1", "--out", str(f), "--quiet")) == 1
+    assert run(parse("ct", "--n", "1", "--out", str(f), "--quiet")) == 2  # bad input: exit 2, as in every verb
     assert "not a folder" in capsys.readouterr().err and f.read_text() == "x"
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medgen_rt.data.phantoms import make_cine_phantom
+from medgen_rt.evaluation.metrics import realism_row
 from medgen_rt.train.latents import open_latents, write_latent_set
 from medgen_rt.train.monitor import SampleMonitor, image_row
 from medgen_rt.train.tasks import DenoiserTask, DiffusionSettings
@@ -91,7 +92,10 @@ def test_image_row_pools_space_and_keeps_time():
     img = torch.rand(1, 96, 96, 8, 16) * 2 - 1
     row = image_row(img)
     assert row.shape == (48 * 48 * 4 * 16,)
-    assert np.isclose(row.mean(), ((img + 1) / 2).mean().item(), atol=1e-5)
+    # area pooling by 2 on X, Y, Z by hand, every frame kept, then the same band-pass
+    v01 = ((img[0] + 1) / 2).numpy()
+    pooled = v01.reshape(48, 2, 48, 2, 4, 2, 16).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(row, realism_row(pooled, pooled.shape), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +168,14 @@ def test_monitor_needs_the_vae_run(tmp_path, vae_latents):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "monitor_samples" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_best_model_is_chosen_by_dice_when_the_model_follows_maps():
+    from medgen_rt.train.loop import _best_score
+
+    # a control adapter: the higher mean Dice wins even with realism further from 1
+    assert _best_score({"realism": 1.0, "dice_blood": 0.70, "dice_myocardium": 0.50}) < \
+        _best_score({"realism": 0.8, "dice_blood": 0.80, "dice_myocardium": 0.60})
+    assert _best_score({"realism": 1.0, "dice_blood": float("nan"), "dice_myocardium": 0.9}) == -np.inf
+    # others: realism closest to 1 (copies and averages score above it)
+    assert _best_score({"realism": 0.95}) > _best_score({"realism": 1.10}) > _best_score({"realism": 0.5})

@@ -31,7 +31,7 @@ def test_default_sample_without_arguments(tmp_path):
     side = json.loads((out / "sample_000.json").read_text())
     assert side["seed"] == 0 and side["sampler"] == "euler" and side["steps"] == 50  # a rectified-flow model
     assert side["energy"]["run_kwh"] > 0 and side["energy"]["country"] == "DEU"
-    assert set(side["peak_memory_gb"]) == {"denoise", "decode"} and side["peak_memory_gb"]["decode"] > 0
+    assert set(side["peak_process_rss_gb"]) == {"denoise", "decode"} and side["peak_process_rss_gb"]["decode"] > 0
     assert side["plan"]["decode_chunk"] >= 1 and side["plan"]["denoiser_dtype"] == "float32"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 1 and summary["volumes"][0]["files"]["image"].endswith("sample_000.nii.gz")

@@ -2,6 +2,7 @@
 op would use per device, and the CUDA devices torch and the extension see."""
 from __future__ import annotations
 
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
@@ -50,6 +51,18 @@ def collect_info() -> dict:
     }
 
 
+def no_gpu_reason(error) -> str:
+    """Why no GPU is seen, in plain words. Without an NVIDIA driver the CUDA runtime reports
+    "CUDA driver version is insufficient", which reads as if a driver needed an update."""
+    text = str(error or "")
+    driver = os.path.exists("/proc/driver/nvidia/version")
+    if not driver and ("insufficient" in text or "no CUDA-capable device" in text or not text):
+        return "no GPU (no NVIDIA driver found)"
+    if "no CUDA-capable device" in text:
+        return "no GPU (the NVIDIA driver sees no device)"
+    return f"no GPU ({text})" if text else "no GPU"
+
+
 def format_info(info: dict) -> str:
     """Readable multi-line summary of :func:`collect_info`."""
     lines = [f"medgen_rt {info['medgen_rt']}  (python {info['python']}, {info['platform']})", "", "packages:"]
@@ -72,7 +85,7 @@ def format_info(info: dict) -> str:
         if devs.get("devices"):
             lines.append(f"  gpus seen        {', '.join(devs['devices'])}")
         else:
-            lines.append(f"  gpus seen        none ({devs.get('error') or 'no devices'})")
+            lines.append(f"  gpus seen        none: {no_gpu_reason(devs.get('error'))}")
     cuda = info["cuda"]
     lines += ["", "torch CUDA:",
               f"  available        {'yes' if cuda['available'] else 'no'}"

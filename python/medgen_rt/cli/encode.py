@@ -7,9 +7,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vae", required=True, help="VQ-GAN run folder (from `medgen train vae`)")
     p.add_argument("--data", required=True, help="image data folder (ACDC layout for cine, images/ [+ masks/] for CT)")
     p.add_argument("--out", required=True, help="latents folder to create")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] for the VQ-GAN encoder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:

@@ -1,27 +1,24 @@
-"""``medgen eval memorization|quality``: copy detection and quality reports (DESIGN.md section 7).
-
-    medgen eval memorization --train DIR --val DIR --synthetic DIR --out REPORT_DIR [--encoder PATH]
-    medgen eval quality --real DIR --synthetic DIR --out REPORT_DIR [--features encoder|medicalnet:PATH|...]
-
-A folder may be a `medgen sample` output, an images/ (+ masks/) folder or the ACDC layout.
-Each writes REPORT_DIR/report.json (every number) and report.html (one self-contained page).
-"""
+"""`medgen eval memorization|quality`: copy detection and quality reports. The help text is
+DESCRIPTION below: plain text, pointing to the README, which every clone has."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from medgen_rt.cli import positive_int as _positive_int
+
 __all__ = ["add_parser", "run"]
 
+DESCRIPTION = """\
+Evaluate synthetic volumes.
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+  medgen eval memorization --train DIR --val DIR --synthetic DIR --out REPORT_DIR [--encoder PATH]
+  medgen eval quality --real DIR --synthetic DIR --out REPORT_DIR [--features encoder|medicalnet:PATH|...]
+
+A folder may be a `medgen sample` output, an images/ (+ masks/) folder or the ACDC layout.
+Each writes REPORT_DIR/report.json (every number) and report.html (one self-contained page).
+The README, section "Before sharing synthetic data", shows both in use.
+"""
 
 
 def add_common(p) -> None:
@@ -47,7 +44,7 @@ def add_common(p) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate synthetic volumes: copy detection and quality",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True, help="memorization or quality")
     m = sub.add_parser("memorization", help="which synthetic volumes copy a training volume (Dar et al.)")
     m.add_argument("--train", type=Path, required=True, help="the generative model's training volumes")
@@ -100,12 +97,23 @@ def _device(args):
     return pick_device(args.device)
 
 
+def check_outputs(args) -> None:
+    """The report folder, and the file a trained encoder is saved to, must be writable: checked
+    before the encoder trains and every volume is read, not when the report is written."""
+    from medgen_rt.io.atomic import check_out
+
+    check_out(args.out)
+    if args.encoder is not None and not args.encoder.exists():
+        check_out(args.encoder.parent, "--encoder")
+
+
 def run_memorization(args) -> int:
     from medgen_rt.evaluation.datasets import open_set
     from medgen_rt.evaluation.encoder import save_encoder
     from medgen_rt.evaluation.memorization import screen_sets
     from medgen_rt.evaluation.report import render_memorization, write_report
 
+    check_outputs(args)
     device = _device(args)
     train = open_set(args.train, "--train", args.modality)
     val = open_set(args.val, "--val", args.modality)
@@ -134,6 +142,7 @@ def run_quality(args) -> int:
     from medgen_rt.evaluation.quality import evaluate_quality
     from medgen_rt.evaluation.report import render_quality, write_report
 
+    check_outputs(args)
     device = _device(args)
     parse_features(args.features)  # a bad --features fails before any volume is read
     real = open_set(args.real, "--real", args.modality)

@@ -13,25 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import error_message, nonneg_int, positive_float, positive_int
+
 __all__ = ["add_parser", "run"]
-
-
-def _checked(convert, ok, what: str):
-    """An argparse type: convert the text, then require ok(value)."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,14 +30,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("kind", choices=("cmr4d", "ct"), help="which phantom")
-    p.add_argument("--n", type=_positive_int, required=True, help="number of subjects")
+    p.add_argument("--n", type=positive_int, required=True, help="number of subjects")
     p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="dataset seed (default 0)")
-    p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
+    p.add_argument("--seed", type=nonneg_int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
                    help="volume size in voxels (cmr4d default 96 96 8, ct 128 128 64)")
-    p.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("SX", "SY", "SZ"),
+    p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("SX", "SY", "SZ"),
                    help="voxel size in mm (cmr4d default 1.5 1.5 8, ct 0.8 0.8 2.5)")
-    p.add_argument("--frames", type=_positive_int, metavar="T",
+    p.add_argument("--frames", type=positive_int, metavar="T",
                    help="cine frames per cycle, cmr4d only (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -66,13 +50,13 @@ def _error(msg: str) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        try:
+    try:  # cleanup after a failure must not raise a second error over the first
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
             path.unlink()
-        except OSError:
-            pass
+    except OSError:
+        pass
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -83,7 +67,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     if not (out.exists() or out.is_symlink()):
         os.rename(tmp, out)
         return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    from ..io.atomic import temp_sibling
+
+    old = temp_sibling(out, f"old-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(out, old)
     try:
         os.rename(tmp, out)
@@ -102,12 +88,16 @@ def run(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames < 2:
         _error(f"--frames must be at least 2, got {args.frames}")
         return 2
-    if out.exists() and not out.is_dir():
-        _error(f"--out {out} exists and is not a folder")
-        return 1
+    from ..io.atomic import check_out, temp_sibling  # here: building the parser must not import nibabel
+
+    try:
+        check_out(out)  # a file in the way, a read-only place, a name too long
+    except ValueError as e:
+        _error(str(e))
+        return 2
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         _error(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
-        return 1
+        return 2
 
     from ..data.phantoms import write_acdc_dataset, write_ct_dataset
 
@@ -121,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     writer = write_acdc_dataset if args.kind == "cmr4d" else write_ct_dataset
 
     out = out.absolute()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_sibling(out, f"{os.getpid()}-{secrets.token_hex(4)}")  # fits NAME_MAX for any legal --out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         writer(tmp, args.n, seed=args.seed, quiet=args.quiet, **kwargs)
@@ -130,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         _remove(tmp)
         _error("interrupted; nothing was written")
         return 130
+    except OSError as e:  # the machine refused (disk full, read-only): bad input, exit 2
+        _remove(tmp)
+        _error(f"{error_message(e)} (nothing was written to {out})")
+        return 2
     except Exception as e:  # report any failure as a message, not a traceback
         _remove(tmp)
         _error(f"{e} (nothing was written to {out})")

@@ -3,13 +3,16 @@ With no arguments it samples the embedded cine model into ./samples.
 
 Under torchrun (`torchrun --nproc-per-node N -m medgen_rt.sample ...`) each rank
 makes every N-th volume (volume i keeps seed + i, so the set does not depend on
-N) and rank 0 writes one merged summary.json and the summary line."""
+N) and rank 0 writes one merged summary.json and the summary line; rank 0 alone
+locks and prepares --out, the others wait for its answer."""
 from __future__ import annotations
 
 import os
 
 
 def add_arguments(p) -> None:
+    from medgen_rt.runtime.energy import country_arg
+
     p.add_argument("--model", default="default",
                    help="an embedded model: 'default' or 'cine' (cine MR), 'ct' (CT from a label map, needs "
                         "--masks); or a run folder, or a folder with dit/ (tgca/, ...) and vae/")
@@ -23,12 +26,18 @@ def add_arguments(p) -> None:
     p.add_argument("--masks", help="mask NIfTI or folder of them (TGCA / ControlNet models)")
     p.add_argument("--unconditional", action="store_true",
                    help="mask-conditioned models: sample through the null condition, without masks")
-    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--out", default="samples",
+                   help="output folder (default ./samples), locked for the run; each volume is written as soon "
+                        "as it is decoded")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier run's samples: remove them (sample_NNN.*, summary.json) first; "
+                        "without it such a folder is refused")
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="onnx: run a `medgen export onnx` folder with onnxruntime, without PyTorch")
     p.add_argument("--max-vram", help="plan batch and decode chunks to fit this much GPU memory, e.g. 8GB")
-    p.add_argument("--country", help="ISO 3166 alpha-3 code for CO2 (default MEDGEN_COUNTRY_ISO or DEU)")
+    p.add_argument("--country", type=country_arg,
+                   help="ISO 3166 alpha-3 code for CO2 (default MEDGEN_COUNTRY_ISO or DEU)")
     p.add_argument("--no-energy", action="store_true", help="do not meter energy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -38,54 +47,77 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from medgen_rt.io.atomic import check_out
+
+    check_out(args.out)  # before any model is loaded: a folder we cannot write fails first
     if args.engine == "onnx":
         return _run_onnx(args)
     from medgen_rt.sampling.api import sample
-    from medgen_rt.sampling.summary import summarize, write_summary
+    from medgen_rt.sampling.summary import check_request, summarize, write_summary
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    check_request(args.n, args.seed, args.steps, args.guidance, args.eta)  # before the process group
     device = args.device
     if world > 1:
         from medgen_rt.train.distributed import init_distributed
 
         device = str(init_distributed(args.device).device)
-    results = sample(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                     guidance=args.guidance, masks=args.masks, device=device, out=args.out, eta=args.eta,
-                     max_vram=args.max_vram, energy=not args.no_energy, country=args.country,
-                     quiet=args.quiet or rank > 0, indices=range(rank, args.n, world),
-                     unconditional=args.unconditional)
-    metadata = [dict(r["metadata"], files=r["files"], rank=rank) for r in results]
-    if world > 1:
-        import torch.distributed as dist
+    # held (rank 0: locked) until summary.json is written
+    with _output_folder(args, lead=rank == 0, share=_from_rank0 if world > 1 else None) as folder:
+        results = sample(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                         guidance=args.guidance, masks=args.masks, device=device, out=folder, eta=args.eta,
+                         max_vram=args.max_vram, energy=not args.no_energy, country=args.country,
+                         quiet=args.quiet or rank > 0, indices=range(rank, args.n, world),
+                         unconditional=args.unconditional)
+        metadata = [dict(r["metadata"], files=r["files"], rank=rank) for r in results]
+        if world > 1:
+            import torch.distributed as dist
 
-        gathered = [None] * world
-        dist.all_gather_object(gathered, metadata)
-        dist.destroy_process_group()
-        metadata = [m for part in gathered for m in part]
-    if rank > 0:
-        return 0
-    summary = summarize(metadata)
-    write_summary(args.out, summary)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, metadata)
+            dist.destroy_process_group()
+            metadata = [m for part in gathered for m in part]
+        if rank > 0:
+            return 0
+        summary = summarize(metadata)
+        write_summary(folder.path, summary)
     _print_summary(args, summary, world)
     return 0
+
+
+def _output_folder(args, **kwargs):
+    from medgen_rt.io.outputs import OutputFolder
+
+    return OutputFolder(args.out, overwrite=args.overwrite, arg="--out", overwrite_arg="--overwrite", **kwargs)
+
+
+def _from_rank0(message):
+    """Rank 0's answer (an error message, or None) on every rank."""
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _run_onnx(args) -> int:
     """The torch-free path: imports nothing that needs PyTorch."""
     from medgen_rt.export.engine import OnnxEngine
-    from medgen_rt.sampling.summary import summarize, write_summary
+    from medgen_rt.sampling.summary import check_request, summarize, write_summary
 
     if args.max_vram:
         raise ValueError("--max-vram plans the torch runtime; the onnx engine decodes with fixed tiles")
     if args.unconditional:
         raise ValueError("--unconditional is not in the onnx engine yet; use --engine torch")
+    check_request(args.n, args.seed, args.steps, args.guidance, args.eta)
     engine = OnnxEngine(args.model, device=args.device)
-    results = engine.sample(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                            guidance=args.guidance, masks=args.masks, out=args.out, eta=args.eta,
-                            energy=not args.no_energy, country=args.country, quiet=args.quiet)
-    summary = summarize([dict(r["metadata"], files=r["files"]) for r in results])
-    write_summary(args.out, summary)
+    with _output_folder(args) as folder:
+        results = engine.sample(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                                guidance=args.guidance, masks=args.masks, out=folder, eta=args.eta,
+                                energy=not args.no_energy, country=args.country, quiet=args.quiet)
+        summary = summarize([dict(r["metadata"], files=r["files"]) for r in results])
+        write_summary(folder.path, summary)
     _print_summary(args, summary, 1)
     return 0
 

@@ -1,7 +1,11 @@
-"""``medgen share``: the sharing gate. Screens --synthetic for copies of --train volumes
-(the copy detection of `medgen eval memorization`), copies only the volumes that are not
-copies (with their masks, sidecars and previews) to --out and writes the report beside
-them. When the share of copies is above --max-copy-share it refuses: --out then holds
+"""medgen share: the sharing gate. Screens --synthetic for copies of --train volumes
+(the copy detection of `medgen eval memorization`), shares only the volumes that are not
+copies to --out and writes the report beside them. Each shared file is rebuilt from the
+screened volume: previews drawn again, sidecars without local paths; a conditioning mask
+equal to a --train or --val mask is withheld and symbolic links are never followed (the
+report lists what was left out and why).
+
+When the share of copies is above --max-copy-share it refuses: --out then holds
 only the report, and the exit status is 3 (--force shares the non-copies anyway).
 
 Exit status: 0 shared, 3 refused, 2 bad input.
@@ -50,7 +54,7 @@ def run(args) -> int:
     from medgen_rt.evaluation.encoder import save_encoder
     from medgen_rt.evaluation.memorization import screen_sets
     from medgen_rt.evaluation.report import public_report, render_memorization, render_shared, write_report
-    from medgen_rt.evaluation.share import check_out_dir, gate, redact
+    from medgen_rt.evaluation.share import MaskIndex, check_out_dir, gate, redact
 
     from .eval import _device, encoder_config, energy, get_encoder
 
@@ -63,6 +67,8 @@ def run(args) -> int:
                              "must stay internal")
     train = open_set(args.train, "--train", args.modality)
     val = open_set(args.val, "--val", args.modality)
+    # the real masks no shared conditioning mask may equal; read now, so a broken one stops us before the screening
+    real_masks = MaskIndex.for_sets(syn, [train, val])
     device = _device(args)
     encoder, save_to = get_encoder(args, device)
     rep = screen_sets(train, val, syn, encoder=encoder, cfg=encoder_config(args), quiet=args.quiet, device=device)
@@ -75,9 +81,16 @@ def run(args) -> int:
 
     def write(folder, info):
         shared = redact({**public_report(rep), "sharing": info})
-        write_report(folder, shared, render_shared(shared, info))
+        page = render_shared(shared, info)
+        page.h2("Files left out")
+        page.p(info["files_rule"])
+        if info["left_out"]:
+            page.table(["file", "why"], [(d["file"], d["reason"]) for d in info["left_out"]])
+        else:
+            page.p("none")
+        write_report(folder, shared, page)
 
-    info = gate(rep, syn, args.out, args.max_copy_share, args.force, write)
+    info = gate(rep, syn, args.out, args.max_copy_share, args.force, write, real_masks=real_masks)
     if args.report:
         public, page, pictures = render_memorization({**rep, "sharing": info}, {"train": train, "synthetic": syn})
         write_report(args.report, public, page, pictures)
@@ -87,7 +100,8 @@ def run(args) -> int:
               f"are copies of training volumes, above --max-copy-share {args.max_copy_share:g}; nothing was shared. "
               f"Report: {Path(args.out) / 'report.html'} (--force shares the other volumes)", file=sys.stderr)
         return REFUSED
+    left = f"; {len(info['left_out'])} file(s) left out, listed in the report" if info["left_out"] else ""
     print(f"shared {len(info['shared'])} of {len(syn)} synthetic volumes to {args.out} ({n_copies} withheld as "
-          f"copies; threshold r = {rep['threshold']:.4f})")
+          f"copies; threshold r = {rep['threshold']:.4f}{left})")
     return 0
 

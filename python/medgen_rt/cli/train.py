@@ -5,40 +5,76 @@ from __future__ import annotations
 
 import argparse
 
+from medgen_rt.cli import checked_type, nonneg_int, positive_float, positive_int
+
 STAGES = ("vae", "dit", "control", "unet")
 
 
+# What each kind reads; every other data option is None on its namespace, so
+# medgen_rt.train.run sees the same attributes whatever the kind.
+_DATA_OPTIONS = {
+    "vae": ("data", "val_data"),
+    "dit": ("latents", "val_latents"),
+    "unet": ("latents", "val_latents"),
+    "control": ("latents", "val_latents", "base"),
+}
+_HELP = {
+    "vae": "train a VQ-GAN (the autoencoder) on image volumes",
+    "dit": "train a diffusion transformer on latents from `medgen encode`",
+    "control": "train a mask-conditioned adapter (TGCA on a dit run, ControlNet on a unet run)",
+    "unet": "train a diffusion U-Net (the MedLoRD baseline) on latents from `medgen encode`",
+}
+
+_fraction = checked_type(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a VQ-GAN, DiT, control adapter or U-Net")
-    add_arguments(p)
+    p = subparsers.add_parser("train", help="train a VQ-GAN, DiT, control adapter or U-Net",
+                              description="Train one model of the pipeline. `medgen train KIND --help` lists the "
+                                          "options of that kind.")
+    kinds = p.add_subparsers(dest="stage", metavar="KIND", required=True,
+                             help="vae (VQ-GAN), dit, control (TGCA/ControlNet), unet")
+    for kind in STAGES:
+        add_arguments(kinds.add_parser(kind, help=_HELP[kind], description=_HELP[kind] + "."), kind)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=STAGES, help="what to train: vae (VQ-GAN), dit, control (TGCA/ControlNet), unet")
+def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+    from medgen_rt.runtime.energy import country_arg
+
     p.add_argument("--config", required=True, help="preset name (see medgen_rt/configs) or YAML path")
     p.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
-    p.add_argument("--data", help="vae: image data folder (ACDC layout for cine, images/ [+ masks/] for CT)")
-    p.add_argument("--val-data", help="vae: held-out image folder (default: last 10%% of --data)")
-    p.add_argument("--latents", help="dit/unet/control: latents folder from `medgen encode`")
-    p.add_argument("--val-latents", help="held-out latents (default: last 10%% of --latents)")
-    p.add_argument("--base", help="control: the trained dit or unet run to condition")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--batch-size", type=int, help="override train.batch_size (global)")
-    p.add_argument("--lr", type=float, help="override train.lr")
-    p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
-    p.add_argument("--monitor-samples", type=int, metavar="N",
-                   help="override train.monitor_samples: volumes sampled at every validation to log realism and "
-                        "copy rate into metrics.csv and quality.png (0: off)")
-    p.add_argument("--keep-best", type=float, metavar="COPY_RATE", dest="keep_best_copy_rate",
-                   help="keep, in OUT/best/, the validated model whose realism is closest to 1 among those whose "
-                        "copy rate is at most COPY_RATE")
+    options = _DATA_OPTIONS[kind]
+    if "data" in options:
+        p.add_argument("--data", help="image data folder (ACDC layout for cine, images/ [+ masks/] for CT)")
+        p.add_argument("--val-data", help="held-out image folder (default: last 10%% of --data)")
+    if "latents" in options:
+        p.add_argument("--latents", help="latents folder from `medgen encode`"
+                                         + (" (with masks)" if kind == "control" else ""))
+        p.add_argument("--val-latents", help="held-out latents (default: last 10%% of --latents)")
+    if "base" in options:
+        p.add_argument("--base", help="the trained dit or unet run to condition")
+    p.set_defaults(**{o: None for opts in _DATA_OPTIONS.values() for o in opts if o not in options})
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (from step 0 when it has none)")
+    p.add_argument("--steps", type=positive_int, help="override train.steps")
+    p.add_argument("--batch-size", type=positive_int, help="override train.batch_size (global)")
+    p.add_argument("--lr", type=positive_float, help="override train.lr")
+    p.add_argument("--seed", type=nonneg_int, help="override train.seed")
+    p.add_argument("--checkpoint-every", type=positive_int, help="override train.checkpoint_every (steps)")
+    if kind == "vae":
+        p.set_defaults(monitor_samples=None, keep_best_copy_rate=None)
+    else:
+        p.add_argument("--monitor-samples", type=nonneg_int, metavar="N",
+                       help="override train.monitor_samples: volumes sampled at every validation to log realism "
+                            "and copy rate into metrics.csv and quality.png (0: off)")
+        p.add_argument("--keep-best", type=_fraction, metavar="COPY_RATE", dest="keep_best_copy_rate",
+                       help="keep, in OUT/best/, the validated model whose realism is closest to 1 among those "
+                            "whose copy rate is at most COPY_RATE")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--country", help="ISO 3166 alpha-3 code for the CO2 estimate (default MEDGEN_COUNTRY_ISO or DEU)")
+    p.add_argument("--country", type=country_arg,
+                   help="ISO 3166 alpha-3 code for the CO2 estimate (default MEDGEN_COUNTRY_ISO or DEU)")
     p.add_argument("--no-energy", action="store_true", help="do not meter energy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
 
 
 def run(args) -> int:

@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from medgen_rt.io.limits import check_zip_records
 from medgen_rt.models.vqgan import strip_wrapper_prefixes
 
 # Entries that hold a model's state_dict, in the order the published loaders look for them.
@@ -61,6 +62,11 @@ def load_checkpoint(path) -> object:
             return load_file(str(path))
         except Exception as exc:
             raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        # torch.load allocates each record at the size the zip directory claims: check that first
+        check_zip_records(path)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)

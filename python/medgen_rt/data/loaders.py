@@ -6,7 +6,7 @@ Validation policy (both datasets):
   plus, for .nii.gz, the gzip trailer): readable NIfTI, not truncated, right rank,
   image/mask shapes agree, ACDC Info.cfg complete and consistent with the 4D image.
   All problems are collected and raised as one :class:`DataError` listing every file.
-* Voxel-level checks (non-finite values, non-integer or negative mask values) need the
+* Voxel-level checks (non-finite values, non-integer, negative or unknown mask labels) need the
   whole file; they run when an item is loaded, or for everything with
   ``validate(full=True)``.
 
@@ -16,20 +16,22 @@ Items are plain dicts of numpy arrays so a torch Dataset can wrap them without c
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..io.nifti import NiftiError, Volume, is_nifti_path, nifti_stem, read_info, read_volume
+from ..io.nifti import NiftiError, Volume, check_labels, is_nifti_path, nifti_stem, read_info, read_volume
+from .phantoms import CMR_LABELS, CT_LABELS
 from .preprocess import ct_to_unit, frame_indices, minmax_to_unit
 
-__all__ = ["DataError", "VolumeFolder", "ACDCDataset", "parse_info_cfg", "list_volumes"]
+__all__ = ["DataError", "VolumeFolder", "ACDCDataset", "parse_info_cfg", "list_volumes", "dataset_labels"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -53,9 +55,11 @@ def list_volumes(folder: PathLike) -> list[Path]:
     Hidden names are skipped because atomic writers use hidden temporary files.
     """
     folder = Path(folder)
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_nifti_path(p)
-    )
+    named = [p for p in folder.iterdir() if not p.name.startswith(".") and is_nifti_path(p)]
+    # a link that loops or points nowhere is an error, not a volume silently left out
+    _raise_problems(folder, [f"{p}: a symbolic link that loops or points to nothing"
+                             for p in named if p.is_symlink() and not p.exists()])
+    return sorted(p for p in named if p.is_file())
 
 
 def _check_finite(path: Path, array: np.ndarray) -> None:
@@ -65,8 +69,40 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
             raise DataError(f"{path}: contains {n_bad} non-finite values (NaN/Inf)")
 
 
-def _read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Read a label map; integer values 0..255 required; returned as uint8 of ``shape``."""
+class _Labels:
+    """The label values a data folder's masks may hold, and where that list comes from."""
+
+    def __init__(self, values: Optional[Sequence[int]], whose: str):
+        self.values = None if values is None else sorted({int(v) for v in values})
+        self.whose = whose
+
+
+def dataset_labels(root: PathLike, default: Optional[dict] = None, convention: str = "") -> _Labels:
+    """Label values of a data folder: the ``labels`` of ROOT/dataset.json when it lists them
+    ({name: value} as `medgen phantom` writes, or a list of values), else ``default`` (the
+    layout's convention; None: any value 0..255)."""
+    path = Path(root) / "dataset.json"
+    labels = None
+    if path.is_file():
+        try:
+            labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: not a readable dataset description ({type(e).__name__}: {e})") from None
+    if labels is not None:
+        values = list(labels.values()) if isinstance(labels, dict) else labels
+        if not isinstance(values, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 255 for v in values):
+            raise DataError(f'{path}: "labels" must map names to label values 1..255 (or list them), got {labels!r}')
+        return _Labels(values, f"the labels listed in {path}")
+    if default is None:
+        return _Labels(None, "")
+    return _Labels(default.values(), f'the {convention} labels {default} (list yours as "labels" in {path} '
+                                     "if they differ)")
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], known: Optional[_Labels] = None) -> np.ndarray:
+    """Read a label map; integer values 0..255 required (and among ``known`` when given);
+    returned as uint8 of ``shape``."""
     try:
         vol = read_volume(path, dtype=None)
     except NiftiError as e:
@@ -80,6 +116,11 @@ def _read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise DataError(f"{path}: mask values must be in 0..255, found [{m.min()}, {m.max()}]")
     if tuple(m.shape) != tuple(shape):
         raise DataError(f"{path}: mask shape {tuple(m.shape)} does not match the image shape {tuple(shape)}")
+    if known is not None and known.values is not None:
+        try:
+            check_labels(path, m, known.values, known.whose)
+        except NiftiError as e:
+            raise DataError(str(e)) from None
     return m.astype(np.uint8)
 
 
@@ -106,12 +147,15 @@ class VolumeFolder:
     kind="mr": 3D or 4D volumes -> per-volume ``minmax_to_unit`` ([-1, 1]).
     require_masks: every image must have a mask (otherwise a missing mask gives None).
     normalize=False returns the raw float32 values instead.
+    labels: the label values masks may hold; default: the ``labels`` of root/dataset.json,
+    else for CT the medgen_rt convention (CT_LABELS); a mask with another value is an error.
 
     ``ds[i]`` -> dict(image=float32 (X,Y,Z[,T]), mask=uint8 (X,Y,Z[,T]) or None,
     affine=(4,4) float64, path=Path, name=str). Construction runs ``validate()``.
     """
 
-    def __init__(self, root: PathLike, kind: str = "ct", require_masks: bool = False, normalize: bool = True):
+    def __init__(self, root: PathLike, kind: str = "ct", require_masks: bool = False, normalize: bool = True,
+                 labels: Optional[Sequence[int]] = None):
         if kind not in ("ct", "mr"):
             raise ValueError(f"kind: expected 'ct' or 'mr', got {kind!r}")
         self.root = Path(root)
@@ -120,6 +164,8 @@ class VolumeFolder:
         self.normalize = bool(normalize)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a folder")
+        self.labels = _Labels(labels, "the labels asked for") if labels is not None else \
+            dataset_labels(self.root, CT_LABELS if kind == "ct" else None, "medgen_rt CT")
         self.images_dir = self.root / "images" if (self.root / "images").is_dir() else self.root
         masks_dir = self.root / "masks"
         self.masks_dir: Optional[Path] = masks_dir if masks_dir.is_dir() else None
@@ -189,7 +235,7 @@ class VolumeFolder:
                     minfo = None
                 if full and minfo is not None and info is not None:
                     try:
-                        _read_mask(mask_path, info.shape)
+                        _read_mask(mask_path, info.shape, self.labels)
                     except DataError as e:
                         problems.append(str(e))
             if full and info is not None:
@@ -213,7 +259,7 @@ class VolumeFolder:
         array, vol = _read_image(path, self.ranks)
         mask = None
         if self.mask_paths[i] is not None:
-            mask = _read_mask(self.mask_paths[i], array.shape)
+            mask = _read_mask(self.mask_paths[i], array.shape, self.labels)
         if self.normalize:
             array = ct_to_unit(array) if self.kind == "ct" else minmax_to_unit(array)
         return {
@@ -325,6 +371,8 @@ class ACDCDataset:
         if not folders:
             raise DataError(f"{self.root}: no ACDC patient folders (patientNNN/) found")
         self.patients = [_Patient(name=f.name, folder=f) for f in folders]
+        # ACDC's labels are fixed (1 RV, 2 myocardium, 3 LV); dataset.json may list others
+        self.labels = dataset_labels(self.root, CMR_LABELS, "ACDC")
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.validate()
 
@@ -383,7 +431,7 @@ class ACDCDataset:
                 )
             elif full:
                 try:
-                    _read_mask(gt, info.shape[:3])
+                    _read_mask(gt, info.shape[:3], self.labels)
                 except DataError as e:
                     problems.append(str(e))
         if full:
@@ -412,7 +460,7 @@ class ACDCDataset:
         if array.shape[3] != pt.info["NbFrame"]:
             raise DataError(f"{pt.image}: has T={array.shape[3]} frames but Info.cfg says NbFrame: {pt.info['NbFrame']}")
         ed, es = pt.info["ED"], pt.info["ES"]
-        labels = {k: _read_mask(p, array.shape[:3]) for k, p in pt.gt.items()}
+        labels = {k: _read_mask(p, array.shape[:3], self.labels) for k, p in pt.gt.items()}
         if self.normalize:
             array = minmax_to_unit(array)  # over the whole cine, before frame selection
         if self.frames == "ed_es":

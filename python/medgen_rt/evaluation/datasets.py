@@ -15,7 +15,9 @@ Every problem raises :class:`EvalInputError` whose message starts with the argum
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.loaders import DataError, list_volumes, parse_info_cfg
+from ..data.loaders import DataError, dataset_labels, list_volumes, parse_info_cfg
+from ..data.phantoms import CMR_LABELS, CT_LABELS
 from ..data.preprocess import ct_to_unit, minmax_to_unit
-from ..io.nifti import NiftiError, nifti_stem, read_header, read_info, read_volume
+from ..io.nifti import NiftiError, check_labels, is_nifti_path, nifti_stem, read_header, read_info, read_volume
 
 __all__ = ["EvalInputError", "EvalEntry", "EvalSet", "open_set", "check_compatible", "same_shape", "to_unit",
            "to_display01"]
@@ -66,6 +69,7 @@ class EvalSet:
     entries: list
     modality: str
     ndim: int
+    labels: object = None  # data.loaders._Labels: the values its masks may hold (None: any 0..255)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -95,11 +99,11 @@ class EvalSet:
             raise EvalInputError(f"{self.arg}: {e.image} has non-finite values (NaN/Inf)")
         mask = None
         if e.mask is not None:
-            mask = _read_label(self.arg, e.mask, image.shape)
+            mask = _read_label(self.arg, e.mask, image.shape, self.labels)
         labels, ed, es = None, None, None
         if e.acdc is not None:
             ed, es = e.acdc["ED"], e.acdc["ES"]
-            labels = {k: _read_label(self.arg, p, image.shape[:3]) for k, p in e.acdc["gt"].items()}
+            labels = {k: _read_label(self.arg, p, image.shape[:3], self.labels) for k, p in e.acdc["gt"].items()}
         sidecar = None
         if e.sidecar is not None:
             try:
@@ -118,7 +122,7 @@ class EvalSet:
             shape = read_info(e.image).shape
         except NiftiError as exc:
             raise EvalInputError(f"{self.arg}: {exc}") from exc
-        return _read_label(self.arg, e.mask, shape)
+        return _read_label(self.arg, e.mask, shape, self.labels)
 
     def unit(self, i: int) -> np.ndarray:
         """Volume i in [-1, 1]: CT clipped to [-1000, 1000] HU / 1000; MR per-volume min-max."""
@@ -135,17 +139,24 @@ def to_display01(image: np.ndarray, modality: str) -> np.ndarray:
     return (to_unit(image, modality) + 1.0) * 0.5
 
 
-def _read_label(arg: str, path: Path, shape) -> np.ndarray:
+def _read_label(arg: str, path: Path, shape=None, known=None) -> np.ndarray:
+    """A label map as uint8 (values 0..255); shape: its image's, checked when given; known:
+    the set's label values (data.loaders._Labels), checked when it lists them."""
     try:
         m = read_volume(path, dtype=None).array
     except NiftiError as exc:
         raise EvalInputError(f"{arg}: {exc}") from exc
-    if tuple(m.shape) != tuple(shape):
+    if shape is not None and tuple(m.shape) != tuple(shape):
         raise EvalInputError(f"{arg}: mask {path} has shape {tuple(m.shape)}, its image {tuple(shape)}")
     if m.dtype.kind == "f" and not np.array_equal(m, np.rint(m)):
         raise EvalInputError(f"{arg}: mask {path} has non-integer values")
     if m.size and (m.min() < 0 or m.max() > 255):
         raise EvalInputError(f"{arg}: mask {path} values must be in 0..255")
+    if known is not None and known.values is not None:
+        try:
+            check_labels(path, m, known.values, known.whose)
+        except NiftiError as exc:
+            raise EvalInputError(f"{arg}: {exc}") from None
     return m.astype(np.uint8)
 
 
@@ -161,9 +172,58 @@ def _find(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
+def _check_links(arg: str, folder: Path) -> None:
+    """Refuse links that lead nowhere among a folder's entries: a loop (or a NIfTI name whose
+    target is gone) would otherwise drop out of the listing silently, and a set would be
+    evaluated without telling the user that volumes are missing."""
+    try:
+        items = list(os.scandir(folder))
+    except OSError as exc:
+        raise EvalInputError(f"{arg}: cannot list {folder}: {exc.strerror or exc}") from None
+    for item in items:
+        if item.name.startswith(".") or not item.is_symlink():
+            continue
+        try:
+            os.stat(item.path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise EvalInputError(f"{arg}: {item.path} is a symbolic link loop; remove it") from None
+            if is_nifti_path(item.name):
+                raise EvalInputError(f"{arg}: {item.path} is a symbolic link to a missing file; remove it") from None
+
+
+def _is_sample_sidecar(path: Optional[Path]) -> bool:
+    """A JSON sidecar as `medgen sample` writes it (other tools' JSON files do not count)."""
+    if path is None:
+        return False
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "modality" in meta and "files" in meta
+
+
+def _check_sidecars(arg: str, entries: list) -> None:
+    """In a folder of samples, a volume without its sidecar was left by an interrupted `medgen sample`
+    (the sidecar is the last file it writes): possibly without its mask or preview, and not what the
+    run reports. Refuse rather than skip, so that a copy rate is never computed on a set that
+    silently differs from the folder. Folders without sample sidecars (real data, phantoms) pass."""
+    with_sidecar = [e for e in entries if _is_sample_sidecar(e.sidecar)]
+    if not with_sidecar:
+        return
+    missing = [e for e in entries if e.sidecar is None]
+    if missing:
+        e = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EvalInputError(f"{arg}: {e.image} has no sidecar {e.name}.json{more} while {len(with_sidecar)} other "
+                             "volume(s) have one: it looks left by an interrupted `medgen sample`; delete it or "
+                             "sample it again")
+
+
 def _acdc_entries(arg: str, root: Path, folders: list) -> list:
     entries = []
     for f in folders:
+        _check_links(arg, f)
         image = _find(f, f"{f.name}_4d")
         if image is None:
             raise EvalInputError(f"{arg}: {f / (f.name + '_4d.nii.gz')}: 4D image not found")
@@ -239,17 +299,24 @@ def open_set(path, arg: str, modality: str = "auto") -> EvalSet:
         raise EvalInputError(f"{arg}: a folder is required")
     root = Path(path)
     if not root.exists():
+        if root.is_symlink():
+            raise EvalInputError(f"{arg}: {root} is a symbolic link to nothing (or a loop)")
         raise EvalInputError(f"{arg}: {root} does not exist")
     if not root.is_dir():
         raise EvalInputError(f"{arg}: {root} is not a folder")
+    _check_links(arg, root)
     patients = sorted(p for p in root.iterdir() if p.is_dir() and _PATIENT.match(p.name))
     if patients:
         layout, entries = "acdc", _acdc_entries(arg, root, patients)
     elif (root / "images").is_dir():
         masks = root / "masks"
+        for folder in (root / "images", masks):
+            if folder.is_dir():
+                _check_links(arg, folder)
         layout, entries = "images", _folder_entries(root, root / "images", masks if masks.is_dir() else None)
     else:
         layout, entries = "flat", _folder_entries(root, root, None)
+    _check_sidecars(arg, entries)
     if not entries:
         raise EvalInputError(f"{arg}: {root} holds no NIfTI volumes (*.nii, *.nii.gz; ACDC patientNNN/ "
                              "folders or images/ are recognised too)")
@@ -269,7 +336,13 @@ def open_set(path, arg: str, modality: str = "auto") -> EvalSet:
         modality = _detect_modality(arg, entries[0], ndim)
     if ndim == 4 and modality == "ct":
         raise EvalInputError(f"{arg}: cine (4D) volumes must be MR, not CT")
-    return EvalSet(arg=arg, root=root, layout=layout, entries=entries, modality=modality, ndim=ndim)
+    # the training data's conventions: ACDC's labels, medgen_rt's CT labels (dataset.json may list others)
+    try:
+        labels = dataset_labels(root, *(({**CMR_LABELS}, "ACDC") if layout == "acdc" else
+                                        (CT_LABELS, "medgen_rt CT") if modality == "ct" else (None, "")))
+    except DataError as exc:
+        raise EvalInputError(f"{arg}: {exc}") from None
+    return EvalSet(arg=arg, root=root, layout=layout, entries=entries, modality=modality, ndim=ndim, labels=labels)
 
 
 def check_compatible(reference: EvalSet, *others: EvalSet) -> None:

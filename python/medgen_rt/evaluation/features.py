@@ -49,6 +49,9 @@ def _read_state(path: Path) -> dict:
 
         state = load_file(str(path))
     else:
+        from medgen_rt.io.limits import check_zip_records
+
+        check_zip_records(path)  # a record claiming far more than the file holds is refused before reading
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for foreign pickles

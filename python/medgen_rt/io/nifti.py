@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from .atomic import atomic_path
+from .limits import available_memory, format_bytes
 
 __all__ = [
     "NiftiError",
@@ -43,6 +44,8 @@ __all__ = [
     "read_header",
     "read_info",
     "write_volume",
+    "check_labels",
+    "affine_problem",
     "spacing_from_affine",
 ]
 
@@ -53,6 +56,9 @@ KINDS = ("mr", "ct", "label")
 XFORM_CODE = 1
 _INT16 = np.iinfo(np.int16)
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# zlib's documented best case is 1032:1, so a .nii.gz of n bytes cannot hold more than this many
+# times n bytes of voxel data: a header claiming more is refused without decompressing anything.
+_MAX_DEFLATE_RATIO = 1032
 
 
 class NiftiError(ValueError):
@@ -211,7 +217,7 @@ def _check_file_size(p: Path, header, shape: Sequence[int]) -> None:
     (multi-member gzip files carry the last member's size, and trailing bytes are legal).
     """
     itemsize = np.dtype(header.get_data_dtype()).itemsize
-    expected = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = int(header.get_data_offset()) + math.prod(int(s) for s in shape) * itemsize
     if not p.name.lower().endswith(".gz"):
         size = p.stat().st_size
         if size < expected:
@@ -221,8 +227,15 @@ def _check_file_size(p: Path, header, shape: Sequence[int]) -> None:
         return
     with open(p, "rb") as f:
         f.seek(0, os.SEEK_END)
-        if f.tell() < 18:  # minimal gzip member: 10-byte header + 8-byte trailer
-            raise NiftiError(f"{p}: truncated gzip file ({f.tell()} bytes)")
+        compressed = f.tell()
+        if compressed < 18:  # minimal gzip member: 10-byte header + 8-byte trailer
+            raise NiftiError(f"{p}: truncated gzip file ({compressed} bytes)")
+        if expected > _MAX_DEFLATE_RATIO * compressed:
+            raise NiftiError(
+                f"{p}: the header claims {format_bytes(expected)} of data ({tuple(shape)} "
+                f"{np.dtype(header.get_data_dtype())}) but a {compressed}-byte gzip file cannot hold more "
+                f"than {format_bytes(_MAX_DEFLATE_RATIO * compressed)}: truncated or corrupt"
+            )
         f.seek(-4, os.SEEK_END)
         isize = struct.unpack("<I", f.read(4))[0]
     if isize == expected % (1 << 32):
@@ -251,6 +264,7 @@ def read_info(path: PathLike, check_size: bool = True) -> VolumeInfo:
         slope, inter = hdr.get_slope_inter()
     except Exception as e:
         raise NiftiError(f"{p}: invalid header fields ({type(e).__name__}: {e})") from e
+    _check_read_affine(p, affine)
     return VolumeInfo(
         path=p,
         shape=shape,
@@ -274,7 +288,9 @@ def read_volume(path: PathLike, dtype=np.float32) -> Volume:
     eagerly, so a truncated .nii.gz fails here and not later.
     """
     p = Path(path)
-    _check_path(p)
+    want = None if dtype is None else np.dtype(dtype)
+    # the header's claims checked against the file's size and free memory before anything is allocated
+    _check_memory(p, read_info(p), want)
     try:
         img = nib.load(str(p))
     except Exception as e:
@@ -284,7 +300,6 @@ def read_volume(path: PathLike, dtype=np.float32) -> Volume:
     shape = tuple(img.shape)
     if len(shape) not in (3, 4):
         raise NiftiError(f"{p}: expected a 3D (X,Y,Z) or 4D (X,Y,Z,T) volume, got shape {shape}")
-    want = None if dtype is None else np.dtype(dtype)
     try:
         # Reading inside the try is what catches truncated/corrupt data: nib.load only
         # reads the header.
@@ -305,6 +320,7 @@ def read_volume(path: PathLike, dtype=np.float32) -> Volume:
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:
         raise NiftiError(f"{p}: invalid affine ({type(e).__name__}: {e})") from e
+    _check_read_affine(p, affine)
     return Volume(array=array, affine=affine, frame_duration=_frame_duration(img.header, shape), path=p)
 
 
@@ -320,6 +336,50 @@ def _to_integer(p: Path, array: np.ndarray, want: np.dtype) -> np.ndarray:
         if lo < info.min or hi > info.max:
             raise NiftiError(f"{p}: values in [{lo}, {hi}] do not fit {want}")
     return array.astype(want, copy=False)
+
+
+def _check_memory(p: Path, info: "VolumeInfo", want: Optional[np.dtype]) -> None:
+    """Raise NiftiError when reading the voxels would need more memory than is available:
+    the on-disk array plus the converted copy."""
+    n = math.prod(info.shape)  # Python ints: no int64 overflow for absurd headers
+    need = n * (info.dtype.itemsize + (want.itemsize if want is not None else 0))
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise NiftiError(
+            f"{p}: reading {info.shape} {info.dtype} voxels needs {format_bytes(need)} of memory, "
+            f"only {format_bytes(avail)} available"
+        )
+
+
+def affine_problem(a: np.ndarray) -> Optional[str]:
+    """What makes a 4x4 voxel-to-world affine unusable (for reading, writing and model geometry), or None."""
+    if not np.all(np.isfinite(a)):
+        return "contains non-finite values"
+    if not np.allclose(a[3], [0, 0, 0, 1]):
+        return f"last row must be [0, 0, 0, 1], got {a[3].tolist()}"
+    cols = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    if np.any(cols == 0) or abs(np.linalg.det(a[:3, :3])) <= 1e-9 * float(np.prod(cols)):
+        return "the 3x3 part is singular (zero or collinear voxel axes)"
+    return None
+
+
+def _check_read_affine(p: Path, affine: np.ndarray) -> None:
+    # a NaN or singular affine fails only much later (resampling, writing); refuse it at read time
+    problem = affine_problem(affine)
+    if problem is not None:
+        raise NiftiError(f"{p}: invalid affine in the header: {problem}")
+
+
+def check_labels(path: PathLike, labels: np.ndarray, known, whose: str = "the known labels") -> None:
+    """Raise NiftiError naming the file when a label map holds values other than 0 and ``known``.
+
+    The one check of label values for every reader of masks (training data, sampling, eval).
+    """
+    known = sorted({int(v) for v in known})
+    values = np.unique(np.asarray(labels))
+    unknown = sorted({int(v) for v in values.tolist()} - {0} - set(known))
+    if unknown:
+        raise NiftiError(f"{path}: labels {unknown} are not among {whose}: {known}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -345,13 +405,10 @@ def _resolve_affine(affine, spacing) -> np.ndarray:
         raise ValueError(f"affine: not numeric ({type(affine).__name__})") from e
     if a.shape != (4, 4):
         raise ValueError(f"affine: expected a 4x4 matrix, got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError("affine: contains non-finite values")
-    if not np.allclose(a[3], [0, 0, 0, 1]):
-        raise ValueError(f"affine: last row must be [0, 0, 0, 1], got {a[3].tolist()}")
+    problem = affine_problem(a)
+    if problem is not None:
+        raise ValueError(f"affine: {problem}")
     cols = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
-    if np.any(cols == 0) or abs(np.linalg.det(a[:3, :3])) <= 1e-9 * float(np.prod(cols)):
-        raise ValueError("affine: the 3x3 part is singular (zero or collinear voxel axes)")
     if sp is not None and not np.allclose(cols, sp, rtol=1e-4, atol=1e-6):
         raise ValueError(
             f"spacing: {sp.tolist()} conflicts with the affine's voxel sizes {cols.tolist()}"

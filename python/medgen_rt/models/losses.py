@@ -166,6 +166,9 @@ class PerceptualLoss(nn.Module):
             raise ValueError(f"layers must be a non-empty subset of (1, 2, 3, 4), got {layers!r}")
         self.layers = layers
         self.net = MedicalNetResNet(depth)
+        from medgen_rt.io.limits import check_zip_records
+
+        check_zip_records(path)  # a record claiming far more than the file holds is refused before reading
         sd = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]

@@ -11,10 +11,12 @@ and silently falls back to a wrong country without it. The country is an ISO
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Optional
 
 DEFAULT_COUNTRY = "DEU"
@@ -25,11 +27,47 @@ def default_country() -> str:
     return os.environ.get("MEDGEN_COUNTRY_ISO", DEFAULT_COUNTRY).upper()
 
 
-def check_country(code: str) -> str:
-    code = (code or "").strip().upper()
-    if len(code) != 3 or not code.isalpha():
-        raise ValueError(f"country: expected an ISO 3166-1 alpha-3 code such as DEU or USA, got {code!r}")
-    return code
+@lru_cache(maxsize=1)
+def known_countries() -> frozenset:
+    """The alpha-3 codes codecarbon's offline tracker has an energy mix for (its
+    global_energy_mix.json); empty when codecarbon is not installed."""
+    try:
+        from importlib import resources
+
+        table = resources.files("codecarbon") / "data" / "private_infra" / "global_energy_mix.json"
+        return frozenset(k.upper() for k in json.loads(table.read_text()))
+    except (ImportError, OSError, ValueError, TypeError):
+        return frozenset()
+
+
+def _country_problem(text: str) -> str:
+    """Why an upper-cased code cannot be used, or "" when it can."""
+    if len(text) != 3 or not text.isalpha():
+        return "expected an ISO 3166-1 alpha-3 country code such as DEU or USA"
+    known = known_countries()
+    if known and text not in known:
+        return "not a country code codecarbon has an energy mix for (ISO 3166-1 alpha-3, such as DEU, FRA or USA)"
+    return ""
+
+
+def check_country(code: str, arg: str = "--country") -> str:
+    """The upper-cased code; ValueError naming ``arg`` for a code that is not alpha-3 or that
+    codecarbon has no energy mix for (it would silently use a world-average intensity)."""
+    text = (code or "").strip().upper()
+    problem = _country_problem(text)
+    if problem:
+        raise ValueError(f"{arg} {code!r}: {problem}")
+    return text
+
+
+def country_arg(text: str) -> str:
+    """argparse type of --country: refused when the command line is read, before any work."""
+    import argparse
+
+    problem = _country_problem(text.strip().upper())
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text.strip().upper()
 
 
 class EnergyMeter:
@@ -39,7 +77,7 @@ class EnergyMeter:
                  tracking_mode: str = "process"):
         """tracking_mode: "process" meters this process (one-process runs); "machine"
         meters the whole machine, for runs with several processes on it (DDP)."""
-        self.country = check_country(country or default_country())
+        self.country = check_country(country) if country else check_country(default_country(), "MEDGEN_COUNTRY_ISO")
         self.enabled = enabled
         self.output_dir = output_dir
         self.tracking_mode = tracking_mode

@@ -9,9 +9,9 @@ control` (its model.json names the VQ-GAN run), or a folder holding `dit/` (or
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -57,13 +57,17 @@ def resolve_model(model: str) -> tuple:
             raise ValueError(f"model {model!r}: {root} holds no trained denoiser (model.json of a dit, unet, "
                              "tgca or controlnet run)")
         denoiser = found[0]
-    info = json.loads((denoiser / "model.json").read_text())
+    from medgen_rt.sampling.validate import check_model_folder
+    from medgen_rt.train.checkpoint import read_model_info
+
+    info = read_model_info(denoiser)  # errors name the file
     if info.get("kind") not in DENOISER_KINDS:
         raise ValueError(f"model {model!r}: {denoiser} is a {info.get('kind')} run, not a denoiser")
-    vae = Path(info.get("vae_run") or "")
+    vae = Path(str(info.get("vae_run") or ""))
     candidates = [vae, denoiser / vae, denoiser.parent / "vae"] if str(vae) else [denoiser.parent / "vae"]
     for c in candidates:
         if (c / "model.json").is_file():
+            check_model_folder(denoiser, c)  # model.json and weights fit each other, before any sampling
             return denoiser, c
     raise ValueError(f"model {model!r}: the VQ-GAN run it was trained on ({info.get('vae_run')}) was not found")
 
@@ -123,6 +127,7 @@ def _load_masks(masks, info: dict, n: int, image_shape: tuple, affine: np.ndarra
     against the model: shape, integer labels it knows, and its voxel size (a map at another
     scale would be drawn at the model's scale)."""
     from medgen_rt.io import is_nifti_path, read_volume
+    from medgen_rt.io.nifti import check_labels
 
     labels = info.get("mask_labels") or []
     path = Path(masks)
@@ -137,9 +142,7 @@ def _load_masks(masks, info: dict, n: int, image_shape: tuple, affine: np.ndarra
             raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model generates {tuple(image_shape[:3])}")
         if not np.all(np.equal(np.mod(vol, 1), 0)):
             raise ValueError(f"{f}: mask values must be integer labels")
-        unknown = sorted(set(np.unique(vol).astype(int).tolist()) - {0} - set(labels))
-        if unknown:
-            raise ValueError(f"{f}: labels {unknown} are not among the model's mask labels {labels}")
+        check_labels(f, vol, labels, "the model's mask labels")  # the one label check of every reader
         want, got = _voxel_size(affine), _voxel_size(mask.affine)
         if not np.allclose(got, want, rtol=0.01):
             raise ValueError(f"{f}: voxel size {tuple(np.round(got, 3))} mm but the model was trained at "
@@ -153,7 +156,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
            sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
            energy: bool = True, country: Optional[str] = None, quiet: bool = True,
-           indices: Optional[list] = None, quantize: bool = True, unconditional: bool = False) -> list:
+           indices: Optional[list] = None, quantize: bool = True, unconditional: bool = False,
+           overwrite: bool = False) -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
     volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
@@ -168,11 +172,22 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     engine="onnx": `model` is a `medgen export onnx` folder, run by onnxruntime
     without PyTorch (medgen_rt.export.engine); its initial noise comes from numpy,
     so a seed gives other volumes than the torch runtime's.
+    out: a folder (or a medgen_rt.io.outputs.OutputFolder); each volume is written as soon as
+    it is decoded. The folder is locked for the call; one that holds an earlier run's samples
+    is refused unless overwrite=True, which removes them first (see OutputFolder).
     """
+    from medgen_rt.io.outputs import OutputFolder
+
+    if out is not None and not isinstance(out, OutputFolder):
+        # a path: this call owns the folder and its lock until it returns
+        params = {k: v for k, v in locals().items() if k in _SAMPLE_PARAMS}
+        with OutputFolder(out, overwrite=overwrite) as folder:
+            return sample(**{**params, "out": folder})
     from medgen_rt.models import load_model
     from medgen_rt.runtime.device import pick_device
     from medgen_rt.sampling.planner import plan_sampling
-    from medgen_rt.sampling.summary import finish_results, image_to_volume
+    from medgen_rt.sampling.summary import (VolumeWriter, check_guidance, check_request, image_to_volume,
+                                            memory_key, portable_path)
 
     if engine == "onnx":
         from medgen_rt.export.engine import OnnxEngine
@@ -187,8 +202,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             energy=energy, country=country, quiet=quiet, quantize=quantize)
     if engine != "torch":
         raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_request(n, seed, steps, guidance, eta)
     indices = list(range(n)) if indices is None else list(indices)
     denoiser_dir, vae_dir = resolve_model(model)
     dev = pick_device(device or "auto")
@@ -207,12 +221,12 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     affine = np.asarray(geometry.get("affine") or np.eye(4))
     modality = info.get("modality") or vae_info.get("modality")
     conditional = info["kind"] in ("tgca", "controlnet")
+    check_guidance(guidance, conditional, unconditional, repr(model))
     mask_items = None
     if conditional:
         if unconditional:
             if masks is not None:
                 raise ValueError("masks and unconditional exclude each other: the null condition has no map")
-            guidance = None
             null_map = torch.zeros((len(info.get("mask_labels") or []),) + tuple(image_shape[:3]))
             mask_items = [(None, null_map, None, affine)] * n
         elif masks is None:
@@ -223,14 +237,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     elif masks is not None:
         raise ValueError(f"model {model!r} is not mask-conditioned; masks cannot be used")
     if out is not None:
-        out = Path(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            # a name of our own: ranks of one torchrun job probe the same folder at once
-            with tempfile.NamedTemporaryFile(dir=out, prefix=".medgen_write_test"):
-                pass
-        except OSError as exc:
-            raise ValueError(f"out {out}: cannot write there ({exc})") from None
+        out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
 
     net, _ = load_model(denoiser_dir)
     vae, _ = load_model(vae_dir)
@@ -248,15 +255,19 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     # volume's result independent of the others in its batch
     batch = 1 if (sampler == "ddpm" or eta > 0) else plan.batch
     meter = EnergyMeter(country=country, enabled=energy)
+    # each volume goes to disk as soon as it is decoded: a run that fails late keeps what it made
+    writer = VolumeWriter(out, meter, modality, geometry)
+    mem = memory_key(dev.type)
+    base = out.path if out is not None else None  # sidecar paths are relative to the output folder
     bar = None
     if not quiet:
         from tqdm import tqdm
 
         bar = tqdm(total=len(indices) * steps, desc="denoise", unit="step", dynamic_ncols=True)
     fn = D.network_fn(net, conditional, dtype)
-    latents, meta = {}, {}
     for first in range(0, len(indices), batch):
         group = indices[first:first + batch]
+        _give_device(net, vae, dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         # noise from each volume's own seed, so batching does not change a volume
@@ -277,54 +288,61 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                          progress=(lambda k, total: bar.update(len(group))) if bar is not None else None)
         seconds = (time.perf_counter() - t0) / len(group)
         peak = _peak_memory(dev)
-        for j, i in enumerate(group):
-            latents[i] = (z[j:j + 1] / scale).float().cpu()
-            meta[i] = {"timings_s": {"denoise": round(seconds, 3)}, "peak_memory_gb": {"denoise": peak}}
+        latents = {i: (z[j:j + 1] / scale).float().cpu() for j, i in enumerate(group)}
+        del z, noise, cond, null
+        _give_device(vae, net, dev)  # the decoder gets the GPU to itself
+        for i in group:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            tile_bar = None
+            if not quiet:
+                from tqdm import tqdm
+
+                tile_bar = tqdm(desc="decode", unit="plane", dynamic_ncols=True, leave=False)
+            t1 = time.perf_counter()
+            with meter.phase("decode"):
+                # snapped to the nearest codebook entries first, as the published samplers decode
+                z = latents.pop(i).to(dev)
+                z = vae.quantizer.lookup(z)[1] if quantize else z
+                image = decode_latent(vae, z, plan.decode_chunk, axis=plan.decode_axis,
+                                      progress=(lambda k, total: (setattr(tile_bar, "total", total),
+                                                                  tile_bar.update(k - tile_bar.n)))
+                                      if tile_bar is not None else None,
+                                      log=None if quiet else (lambda msg: print(msg, flush=True)))[0, 0].numpy()
+            if tile_bar is not None:
+                tile_bar.close()
+            decode_seconds = round(time.perf_counter() - t1, 3)
+            volume = image_to_volume(image, modality)
+            entry = {"model": portable_path(denoiser_dir, base), "vae": portable_path(vae_dir, base),
+                     "kind": info["kind"], "preset": embedded_name(model), "seed": seed + i, "index": i,
+                     "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
+                     "timings_s": {"denoise": round(seconds, 3), "decode": decode_seconds},
+                     mem: {"denoise": peak, "decode": _peak_memory(dev)},
+                     "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
+            if conditional:
+                entry["mask"] = "null condition" if unconditional else portable_path(mask_items[i][0], base)
+            # a conditioned volume takes its map's geometry, so the two overlay in any viewer
+            writer.add({"volume": volume, "affine": mask_items[i][3] if conditional else affine,
+                        "metadata": entry, "files": {}, "mask": mask_items[i][2] if conditional else None})
     if bar is not None:
         bar.close()
-    net.to("cpu")  # the decoder gets the GPU to itself
-    vae.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    results = []
-    for i in indices:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        tile_bar = None
-        if not quiet:
-            from tqdm import tqdm
+    return writer.finish()
 
-            tile_bar = tqdm(desc="decode", unit="plane", dynamic_ncols=True, leave=False)
-        t1 = time.perf_counter()
-        with meter.phase("decode"):
-            # snapped to the nearest codebook entries first, as the published samplers decode
-            z = latents.pop(i).to(dev)
-            z = vae.quantizer.lookup(z)[1] if quantize else z
-            image = decode_latent(vae, z, plan.decode_chunk, axis=plan.decode_axis,
-                                  progress=(lambda k, total: (setattr(tile_bar, "total", total),
-                                                              tile_bar.update(k - tile_bar.n)))
-                                  if tile_bar is not None else None,
-                                  log=None if quiet else (lambda msg: print(msg, flush=True)))[0, 0].numpy()
-        if tile_bar is not None:
-            tile_bar.close()
-        meta[i]["timings_s"]["decode"] = round(time.perf_counter() - t1, 3)
-        meta[i]["peak_memory_gb"]["decode"] = _peak_memory(dev)
-        volume = image_to_volume(image, modality)
-        entry = {"model": str(denoiser_dir), "vae": str(vae_dir), "kind": info["kind"],
-                 "preset": embedded_name(model), "seed": seed + i, "index": i,
-                 "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
-                 **meta[i], "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
-        if conditional:
-            entry["mask"] = "null condition" if unconditional else str(mask_items[i][0])
-        # a conditioned volume takes its map's geometry, so the two overlay in any viewer
-        results.append({"volume": volume, "affine": mask_items[i][3] if conditional else affine,
-                        "metadata": entry, "files": {},
-                        "mask": mask_items[i][2] if conditional else None})
-    return finish_results(results, meter.report(per=len(indices)), out, modality, geometry)
+
+def _give_device(active, idle, dev) -> None:
+    """On a GPU one network at a time: the other waits in CPU memory (the plan gave each
+    phase the whole device)."""
+    if dev.type == "cuda":
+        idle.to("cpu")
+        active.to(dev)
+        torch.cuda.empty_cache()
 
 
 def _device_name(dev) -> str:
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
     return str(dev)
+
+
+_SAMPLE_PARAMS = tuple(inspect.signature(sample).parameters)
 

@@ -86,7 +86,10 @@ class SamplingPlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["predicted_peak_gb"] = self.predicted_peak_gb
+        # named for what is planned: the phase's tensors on the device (weights, activations), not
+        # the process's memory that a CPU sidecar measures (peak_process_rss_gb)
+        d["planned_tensor_peak_bytes"] = d.pop("predicted_peak_bytes")
+        d["planned_tensor_peak_gb"] = self.predicted_peak_gb
         return d
 
 

@@ -4,6 +4,7 @@ in every sidecar, the files of each volume, and summary.json for the whole run
 (from one or several processes)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -20,23 +21,96 @@ def image_to_volume(image: np.ndarray, modality: str) -> np.ndarray:
     return ((clipped + 1.0) / 2.0).astype(np.float32)
 
 
-def finish_results(results: list, energy_report: dict, out: Optional[Path], modality: str,
-                   geometry: dict) -> list:
-    """Adds the run's energy to each volume's metadata and, with `out`, writes its files
-    (NIfTI, mask, sidecar, previews) as sample_{index:03d}."""
-    for r in results:
-        r["metadata"]["energy"] = {"country": energy_report["country"], "run_kwh": energy_report["kwh"],
-                                   "run_kg_co2e": energy_report["kg_co2e"],
-                                   "per_volume": energy_report.get("per_item"), "phases": energy_report["phases"],
-                                   "tool": energy_report["tool"]}
-        if out is not None:
-            from medgen_rt.io.outputs import write_generated
+def check_request(n: int, seed: int, steps: Optional[int], guidance: Optional[float], eta: float = 0.0) -> None:
+    """The numbers of a sampling request, checked before any model is loaded (both engines);
+    the errors name the command-line options."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"-n/--n: the number of volumes must be >= 1, got {n!r}")
+    # volume i uses seed + i: every one must be a valid generator seed (torch and numpy: 0 .. 2**63-1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0 or seed + n > 2 ** 63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63 - n], got {seed!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise ValueError(f"--steps must be >= 1, got {steps!r}")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be a finite number, got {guidance!r}")
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"--eta must be a finite number >= 0, got {eta!r}")
 
-            frame = float(geometry.get("frame_duration") or 0) or None
-            r["files"] = write_generated(out, f"sample_{r['metadata']['index']:03d}", r["volume"], r["affine"],
-                                         "ct" if modality == "ct" else "cmr", r["metadata"], mask=r["mask"],
-                                         frame_duration=frame)
-    return results
+
+def check_guidance(guidance: Optional[float], conditional: bool, unconditional: bool, model) -> None:
+    """Guidance mixes the conditioned and the null-condition prediction: refused where there
+    is no condition, rather than silently ignored."""
+    if guidance is None:
+        return
+    if not conditional:
+        raise ValueError(f"--guidance: model {model} is not mask-conditioned; classifier-free guidance needs a "
+                         "condition (omit --guidance)")
+    if unconditional:
+        raise ValueError("--guidance and --unconditional exclude each other: the null condition has nothing "
+                         "to guide towards")
+
+
+def memory_key(kind: str) -> str:
+    """The sidecar key of a volume's measured peak memory per phase, named for what it measures:
+    on CUDA the peak of PyTorch's allocations on the device during the phase (comparable with
+    the plan's planned_tensor_peak_gb); elsewhere the peak resident memory (RSS) of the whole
+    process so far: Python, libraries and weights included."""
+    return "peak_cuda_allocated_gb" if kind == "cuda" else "peak_process_rss_gb"
+
+
+def portable_path(path, base=None) -> str:
+    """A path for a sidecar that means something on another machine and leaks no local folder
+    names: an embedded model by its name, anything else relative to `base` (the output folder;
+    the working directory without one), resolved so no `dir/../x` is left."""
+    import os
+
+    models = Path(__file__).resolve().parent.parent / "default_models"
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(models):
+        return real.relative_to(models).as_posix()
+    try:
+        return Path(os.path.relpath(real, os.path.realpath(base if base is not None else "."))).as_posix()
+    except ValueError:  # another drive (Windows): the name alone
+        return real.name
+
+
+def _energy_entry(report: dict, final: bool) -> dict:
+    return {"country": report["country"], "run_kwh": report["kwh"], "run_kg_co2e": report["kg_co2e"],
+            "per_volume": report.get("per_item"), "phases": report["phases"], "tool": report["tool"],
+            "final": final}
+
+
+class VolumeWriter:
+    """Hands each volume of a run to disk as soon as it is decoded (both engines), so a run
+    that fails late keeps what it made. Its sidecar first carries the energy metered so far
+    ("final": false); finish() puts the run's totals into every sidecar ("final": true).
+
+    folder: an io.outputs.OutputFolder or None (arrays only)."""
+
+    def __init__(self, folder, meter, modality: str, geometry: dict):
+        self.folder, self.meter, self.modality = folder, meter, modality
+        self.frame = float(geometry.get("frame_duration") or 0) or None
+        self.results: list = []
+
+    def add(self, result: dict) -> dict:
+        self.results.append(result)
+        result["metadata"]["energy"] = _energy_entry(self.meter.report(per=len(self.results)), final=False)
+        if self.folder is not None:
+            result["files"] = self.folder.write(f"sample_{result['metadata']['index']:03d}", result["volume"],
+                                                result["affine"], "ct" if self.modality == "ct" else "cmr",
+                                                result["metadata"], mask=result["mask"], frame_duration=self.frame)
+        return result
+
+    def finish(self) -> list:
+        from medgen_rt.io.sidecar import read_json, write_json_atomic
+
+        energy = _energy_entry(self.meter.report(per=len(self.results)), final=True)
+        for r in self.results:
+            r["metadata"]["energy"] = energy
+            sidecar = r["files"].get("sidecar") if r["files"] else None
+            if sidecar is not None:
+                write_json_atomic(sidecar, {**read_json(sidecar), "energy": energy})
+        return self.results
 
 
 def summarize(metadata: list) -> dict:
@@ -57,9 +131,11 @@ def summarize(metadata: list) -> dict:
                        "per_volume": {"kwh": kwh / n if kwh is not None else None,
                                       "kg_co2e": kg / n if kg is not None else None},
                        "tool": "codecarbon OfflineEmissionsTracker"},
+            # file names only: summary.json lies in the folder it lists
             "volumes": [{"index": m["index"], "seed": m["seed"], "rank": m.get("rank", 0), "device": m["device"],
-                         "timings_s": m["timings_s"], "peak_memory_gb": m["peak_memory_gb"],
-                         "files": m.get("files", {})} for m in metadata],
+                         "timings_s": m["timings_s"],
+                         **{k: m[k] for k in (memory_key("cuda"), memory_key("cpu")) if k in m},
+                         "files": {k: Path(v).name for k, v in (m.get("files") or {}).items()}} for m in metadata],
             "plan": metadata[0].get("plan") if metadata else None}
 
 

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medgen_rt.io.atomic import atomic_path
-from medgen_rt.io.sidecar import write_json_atomic
+from medgen_rt.io.limits import check_zip_records
+from medgen_rt.io.sidecar import read_json, write_json_atomic
 
 
 def state_dict_tensors(module: torch.nn.Module) -> dict:
@@ -61,11 +62,17 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, ema: Optional[dict
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_weights(tmp / "weights.safetensors", _flatten(weights))
-    if ema is not None:
-        save_weights(tmp / "ema.safetensors", _flatten(ema))
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    try:
+        save_weights(tmp / "weights.safetensors", _flatten(weights))
+        if ema is not None:
+            save_weights(tmp / "ema.safetensors", _flatten(ema))
+        with atomic_path(tmp / "trainer_state.pt") as path:  # a full disk becomes an OSError naming the file
+            torch.save(trainer_state, path)
+        with atomic_path(tmp / "state.json") as path:
+            path.write_text(json.dumps(state, indent=2))
+    except BaseException:  # a full disk or a kill signal: no half checkpoint folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -88,10 +95,15 @@ def read_checkpoint(path: Path) -> dict:
     out = {
         "weights": _unflatten(load_weights(path / "weights.safetensors")),
         "ema": _unflatten(load_weights(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None,
-        "trainer_state": torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True),
+        "trainer_state": _load_trainer_state(path / "trainer_state.pt"),
         "state": json.loads((path / "state.json").read_text()),
     }
     return out
+
+
+def _load_trainer_state(path: Path) -> dict:
+    check_zip_records(path)  # the zip directory's claimed sizes, before torch.load allocates them
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_model_files(run_dir: Path, weights: dict, ema: Optional[dict], model_info: dict) -> None:
@@ -116,17 +128,45 @@ def _unflatten(flat: dict) -> dict:
     return out
 
 
-def read_model_weights(run_dir: Path, prefer_ema: bool = True) -> tuple:
-    """({module: tensors}, model_info) of a finished run; EMA weights when present and preferred."""
-    run_dir = Path(run_dir)
-    info_path = run_dir / "model.json"
+def read_model_info(run_dir: Path) -> dict:
+    """A finished run's model.json as a dict; errors name the file."""
+    info_path = Path(run_dir) / "model.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a medgen_rt run folder (no model.json); "
                                 "train one with `medgen train` first")
-    info = json.loads(info_path.read_text())
-    path = run_dir / ("ema.safetensors" if prefer_ema and (run_dir / "ema.safetensors").exists()
+    info = read_json(info_path)
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path}: expected a JSON object, found a JSON {type(info).__name__}")
+    return info
+
+
+def model_weights_path(run_dir: Path, prefer_ema: bool = True) -> Path:
+    """The weights file a finished run is loaded from: EMA when present and preferred."""
+    run_dir = Path(run_dir)
+    return run_dir / ("ema.safetensors" if prefer_ema and (run_dir / "ema.safetensors").exists()
                       else "weights.safetensors")
-    return _unflatten(load_weights(path)), info
+
+
+def check_finite(path: Path, tensors: dict) -> None:
+    """Raise ValueError naming the file and the tensor when weights hold NaN or Inf: a corrupt
+    file would otherwise sample normal-looking garbage (all NaN weights decode to one constant volume)."""
+    for key, value in tensors.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int(value.numel() - torch.isfinite(value).sum())
+            if bad:
+                raise ValueError(f"{path}: tensor {key} has {bad} non-finite value(s) (NaN/Inf) of "
+                                 f"{value.numel()}; the weights are corrupt")
+
+
+def read_model_weights(run_dir: Path, prefer_ema: bool = True) -> tuple:
+    """({module: tensors}, model_info) of a finished run; EMA weights when present and preferred.
+    Non-finite weights raise ValueError naming the file and the tensor."""
+    run_dir = Path(run_dir)
+    info = read_model_info(run_dir)
+    path = model_weights_path(run_dir, prefer_ema)
+    flat = load_weights(path)
+    check_finite(path, {k: v for k, v in flat.items() if k.startswith("model/")})  # the network loaded
+    return _unflatten(flat), info
 
 
 def _prune(folder: Path, keep: int) -> None:

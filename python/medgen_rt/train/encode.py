@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from medgen_rt.diffusion import latent_scale_factor
+from medgen_rt.io.atomic import check_out, temp_sibling
 from medgen_rt.train.latents import write_latent_set
 from medgen_rt.train.vae import open_image_set
 
@@ -24,7 +25,7 @@ def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quie
     from medgen_rt.models import load_model
     from medgen_rt.runtime.device import pick_device
 
-    out = Path(out)
+    out = check_out(out)  # before the model is loaded and every volume encoded
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
     model, info = load_model(vae_run)
@@ -67,13 +68,17 @@ def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quie
     if any(m is None for m in masks) and any(m is not None for m in masks):
         raise ValueError(f"--data {data}: some volumes have masks and some do not; all or none must")
     scale = latent_scale_factor(latents)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_sibling(out)  # NAME_MAX-safe; a killed run's leftover of the same name is replaced
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_latent_set(tmp, zip(names, latents, masks), scale,
-                     extra={"vae_run": str(Path(vae_run).resolve()), "modality": modality, "geometry": geometry,
-                            "data": str(Path(data).resolve())})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        write_latent_set(tmp, zip(names, latents, masks), scale,
+                         extra={"vae_run": str(Path(vae_run).resolve()), "modality": modality,
+                                "geometry": geometry, "data": str(Path(data).resolve())})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:  # a full disk or an unwritable name: no half latents folder is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {"items": len(latents), "latent_shape": list(latents[0].shape), "scale_factor": scale, "out": str(out)}

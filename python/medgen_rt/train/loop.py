@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -56,8 +57,9 @@ class TrainSettings:
     # realism and copy rate (medgen_rt.train.monitor); 0 turns it off
     monitor_samples: int = 0
     monitor_steps: int = 8
-    # keep the EMA weights of the validation whose realism is closest to 1 among those whose
-    # copy rate is at most this (run_dir/best/, a model folder of its own); None: only the last
+    # keep the EMA weights of the best validation (realism closest to 1; mask-conditioned models:
+    # highest mean Dice) among those whose copy rate is at most this (run_dir/best/, a model
+    # folder of its own); None: only the last
     keep_best_copy_rate: Optional[float] = None
 
     @classmethod
@@ -68,13 +70,26 @@ class TrainSettings:
             raise ValueError(f"{where}: unknown training setting(s) {unknown}; known: {sorted(known)}")
         out = cls(**d)
         out.betas = tuple(out.betas)
-        if out.steps <= 0 or out.batch_size <= 0:
-            raise ValueError(f"{where}: steps and batch_size must be positive")
-        if out.lr_schedule not in ("cosine", "exponential", "constant"):
-            raise ValueError(f"{where}: lr_schedule must be cosine, exponential or constant, got {out.lr_schedule!r}")
-        if out.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"{where}: precision must be auto, fp32 or bf16, got {out.precision!r}")
+        out.check(where)
         return out
+
+    def check(self, where: str) -> None:
+        """Refuse settings that would train nothing, divide by zero mid-run or write an untrained
+        "finished" model; run again after command-line overrides (medgen_rt.train.run)."""
+        def number(name, ok, what, kinds=(int,)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+                raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
+
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "monitor_steps"):
+            number(name, lambda v: v >= 1, "a positive integer")
+        for name in ("val_every", "warmup_steps", "keep_checkpoints", "seed", "monitor_samples"):
+            number(name, lambda v: v >= 0, "a non-negative integer")
+        number("lr", lambda v: 0 < v < math.inf, "a positive number", (int, float))
+        if self.lr_schedule not in ("cosine", "exponential", "constant"):
+            raise ValueError(f"{where}: lr_schedule must be cosine, exponential or constant, got {self.lr_schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"{where}: precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 def lr_factor(step: int, s: TrainSettings) -> float:
@@ -116,6 +131,16 @@ class StopRequested(Exception):
     pass
 
 
+def _best_score(figures: dict) -> float:
+    """Higher is better. Mask-conditioned models: the mean Dice against their maps (following
+    the map is their job; realism stays near 1 throughout). Others: realism closest to 1, not
+    highest, since copies and population averages score at or above 1."""
+    dice = [v for k, v in figures.items() if k.startswith("dice_")]
+    if dice:
+        return float(np.mean(dice)) if all(math.isfinite(v) for v in dice) else -math.inf
+    return -abs(1 - figures.get("realism", math.inf))
+
+
 class Trainer:
     """Runs a task (see medgen_rt.train.tasks) for settings.steps steps in run_dir."""
 
@@ -149,6 +174,7 @@ class Trainer:
         self.step = 0
         self._stop = False
         self._metric_columns = None  # header of metrics.csv, read once
+        self._seconds_before = 0.0  # training seconds of earlier sessions (metrics.csv continues from them)
         if resume:
             self._resume()
         elif dist.is_main:
@@ -158,15 +184,42 @@ class Trainer:
     # ---- run folder ----------------------------------------------------------------------------
     def _start_fresh(self) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if (self.run_dir / "config.yaml").is_file() and ckpt.latest_checkpoint(self.run_dir) is None:
+                raise FileExistsError(f"{self.run_dir}: this run stopped before its first checkpoint; pass --resume "
+                                      "to start it again from step 0, or choose another --out")
             raise FileExistsError(f"{self.run_dir}: run folder exists and is not empty; "
                                   "pass --resume to continue it or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.config_text)
+        self._write_config()
+
+    def _write_config(self) -> None:
+        with atomic_path(self.run_dir / "config.yaml") as tmp:
+            tmp.write_text(self.config_text)
+
+    def _restart(self) -> None:
+        """--resume on a run killed (or stopped by a full disk) before its first checkpoint: there is
+        nothing to continue, so the run starts again from step 0 in the same folder. Refusing would
+        leave a folder that neither starts anew nor resumes; nothing is lost, as no weights exist.
+        What the dead session logged (metrics, figures, a best model) is removed, so that it is not
+        mixed with the new one; energy.json keeps its sessions (that energy was spent)."""
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not (self.run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"--out {self.run_dir}: no checkpoint to resume from, and not a medgen run "
+                                    "folder (no config.yaml); choose another --out")
+        log.info("%s: no checkpoint to resume from (the run stopped before its first one): starting from step 0",
+                 self.run_dir)
+        for name in ("metrics.csv", "quality.png"):
+            (self.run_dir / name).unlink(missing_ok=True)
+        for name in ("best", "checkpoints"):
+            shutil.rmtree(self.run_dir / name, ignore_errors=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
-            raise FileNotFoundError(f"{self.run_dir}: no checkpoint to resume from")
+            if self.dist.is_main:
+                self._restart()
+            return
         data = ckpt.read_checkpoint(path)
         for name, module in self.task.modules().items():
             module.load_state_dict(data["weights"][name])
@@ -192,7 +245,10 @@ class Trainer:
             return
         rows = list(csv.DictReader(path.open()))
         columns = list(rows[0].keys()) if rows else ["step"]
-        self._write_metrics(columns, [r for r in rows if int(r["step"]) <= step])
+        kept = [r for r in rows if int(r["step"]) <= step]
+        self._write_metrics(columns, kept)
+        # the last row's, not the largest: runs written before seconds continued restart at 0 mid-file
+        self._seconds_before = next((float(r["seconds"]) for r in reversed(kept) if r.get("seconds")), 0.0)
 
     def _write_metrics(self, columns: list, rows: list) -> None:
         with atomic_path(self.run_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as f:
@@ -303,7 +359,7 @@ class Trainer:
         return {f"sample_{k}": v for k, v in figures.items()}
 
     def _keep_best(self, figures: dict) -> None:
-        """run_dir/best/: the model whose realism is closest to 1 under the copy-rate limit.
+        """run_dir/best/: the best model (``_best_score``) under the copy-rate limit.
         Called with the EMA weights in place, so they are what is written."""
         limit = self.s.keep_best_copy_rate
         if limit is None or self.step == 0 or figures["copy_rate"] > limit or not math.isfinite(figures["realism"]):
@@ -312,8 +368,7 @@ class Trainer:
         best_dir.mkdir(exist_ok=True)
         if (best_dir / "model.json").is_file():
             previous = json.loads((best_dir / "model.json").read_text()).get("selected", {})
-            # closest to 1, not highest: copies and population averages score at or above 1
-            if abs(1 - figures["realism"]) > abs(1 - previous.get("realism", math.inf)):
+            if _best_score(figures) < _best_score(previous):
                 return
         info = {**self.task.model_info(),
                 "selected": {"step": self.step, "copy_rate_limit": limit, **figures}}
@@ -391,7 +446,8 @@ class Trainer:
                     last = self.step == self.s.steps
                     validate = bool(self.s.val_every) and (self.step % self.s.val_every == 0 or last)
                     if self.dist.is_main and (validate or self.step % self.s.log_every == 0 or last):
-                        row = {"step": self.step, "seconds": round(time.perf_counter() - t0, 3), **logs}
+                        seconds = self._seconds_before + time.perf_counter() - t0
+                        row = {"step": self.step, "seconds": round(seconds, 3), **logs}
                         if validate:
                             val = {f"val_{k}": v for k, v in self.task.validate().items()}
                             val.update(self._monitor())

@@ -26,7 +26,10 @@ def _settings(section: dict, args, where: str) -> TrainSettings:
                                                   ("monitor_samples", "monitor_samples"),
                                                   ("keep_best_copy_rate", "keep_best_copy_rate"))
                  if getattr(args, a) is not None}
-    return replace(s, **overrides) if overrides else s
+    if overrides:
+        s = replace(s, **overrides)
+        s.check(where + ".train with the command-line overrides")
+    return s
 
 
 def _require(args, *names) -> None:
@@ -141,6 +144,9 @@ def build_monitor(task, settings, stage_name: str):
 
 
 def main(args) -> int:
+    from medgen_rt.io.atomic import check_out
+
+    check_out(args.out)  # a file in the way or a read-only place fails now, not at the first checkpoint
     dist = init_distributed(args.device)
     try:
         cfg, text = load_config(args.config)
