@@ -63,3 +63,4 @@ def test_map_at_another_voxel_size_is_refused(tmp_path):
     proc = _medgen("sample", "--model", "ct", "--masks", str(tmp_path / "coarse" / "masks"), "--no-energy",
                    "--out", str(tmp_path / "s"))
     assert proc.returncode == 2 and "voxel size" in proc.stderr and not (tmp_path / "s").exists()
+    assert "Traceback" not in proc.stderr

@@ -80,7 +80,7 @@ def test_medgen_without_command_prints_help_and_fails():
 @pytest.mark.parametrize("argv", [["nonsense"], ["phantom", "mri"]])
 def test_medgen_bad_arguments_exit_nonzero(argv):
     proc = _run_cli(*argv)
-    assert proc.returncode != 0 and "error" in proc.stderr
+    assert proc.returncode == 2 and "error" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_closed_stdout_ends_quietly_without_traceback():
