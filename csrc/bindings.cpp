@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/tensor.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -512,7 +513,7 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
-  d["cpu_threads"] = cpu::max_threads();
+  d["cpu_threads"] = cpu::num_threads();
   d["cuda"] = cuda_compiled();
 #ifdef MEDGEN_WITH_CUDA
   d["cuda_archs"] = std::string(MEDGEN_CUDA_ARCHS);
@@ -575,6 +576,8 @@ PYBIND11_MODULE(_C, m) {
       });
 
   m.def("build_info", &build_info, "What this build contains: cpu, openmp, cuda (+ archs), ops");
+  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"),
+        "Threads the CPU kernels may use (the bridge passes torch.get_num_threads()); small work uses one");
   m.def("cuda_devices", &cuda_devices, "CUDA devices visible to the native runtime (empty without a GPU)");
   m.def("adaln_modulate_forward", &adaln_forward, py::arg("x"), py::arg("shift"), py::arg("scale"), py::arg("y"),
         py::arg("mean"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0,

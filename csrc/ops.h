@@ -157,7 +157,6 @@ void blend_normalize(const NormalizeArgs& a);
 void attention_forward(const AttentionArgs& a);
 void patch_embed_forward(const PatchEmbedArgs& a);
 void unpatchify(const UnpatchifyArgs& a);
-int max_threads();
 }  // namespace cpu
 
 #ifdef MEDGEN_WITH_CUDA

@@ -1,8 +1,9 @@
 """Triton kernels of medgen_rt, installed as ``medgen_rt.kernels``.
 
-One kernel per file, its autograd Function beside it. Importing this package
-never imports triton; :func:`triton_unavailable_reason` says whether the kernels
-can run on a device type. On the CPU they run only in Triton's interpreter
+One kernel per file: launch functions for the forward (and the backward, where
+the op has a fused one) taking prepared tensors; each op's autograd lives with
+the op in ``medgen_rt.ops``. Importing this package never imports triton;
+:func:`triton_unavailable_reason` says whether the kernels can run on a device type. On the CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1``, set before triton is first imported), which is slow and
 meant for tests on small shapes.
 """
@@ -12,6 +13,8 @@ import functools
 import importlib.util
 import os
 from typing import Optional
+
+import torch
 
 
 def interpreter_enabled() -> bool:
@@ -30,6 +33,8 @@ def _triton_import_error() -> Optional[str]:
     return None
 
 
+# Constant for the life of the process; torch.compile calls it while tracing and keeps the answer.
+@torch.compiler.assume_constant_result
 def triton_unavailable_reason(device_type: str) -> Optional[str]:
     """None when Triton kernels can run on this device type, else why not."""
     reason = _triton_import_error()
@@ -40,8 +45,6 @@ def triton_unavailable_reason(device_type: str) -> Optional[str]:
             return "Triton runs on the CPU only in its interpreter: set TRITON_INTERPRET=1 before starting Python"
         return None
     if device_type == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             return "no CUDA device is visible to torch"
         if interpreter_enabled():

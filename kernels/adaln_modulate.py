@@ -4,7 +4,8 @@ x is (B, N, C) with a contiguous channel axis, shift and scale are (B, C);
 statistics in float32, output in x's dtype. Forward: one program per row, the
 whole row in registers (C up to 16384). Backward: one program per (chunk of
 rows, sample) that writes dx and per-chunk partial sums for dscale and dshift;
-the wrapper adds the partials (a tiny reduction).
+the wrapper adds the partials (a tiny reduction). The autograd that calls them is
+the op's (medgen_rt/ops/adaln.py).
 """
 from __future__ import annotations
 
@@ -112,26 +113,3 @@ def backward(dy, x, scale, mean, rstd):
         dscale_part.zero_()
         dshift_part.zero_()
     return dx, dscale_part.sum(dim=1), dshift_part.sum(dim=1)
-
-
-class TritonAdaLNModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        need_stats = any(ctx.needs_input_grad[:3])
-        y, mean, rstd = forward(x, shift, scale, eps, need_stats)
-        if need_stats:
-            ctx.save_for_backward(x, scale, mean, rstd)
-        ctx.shift_dtype = shift.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, scale, mean, rstd = ctx.saved_tensors
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx, dscale, dshift = backward(dy, x, scale, mean, rstd)
-        return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
-
-
-def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Triton backend entry; arguments already checked and made channel-contiguous by the op."""
-    return TritonAdaLNModulate.apply(x, shift, scale, eps)

@@ -20,8 +20,8 @@ key loop), so when there is more than one query block a small prepass kernel
 transforms k once into a (B, H, N, d) buffer in k's dtype (rounded where the
 in-loop path rounds: identical numbers) and the key loop stays plain.
 
-Backward: :class:`TritonAttention` recomputes the forward with the op's PyTorch
-reference (SDPA underneath) and differentiates that; nothing N x N is saved.
+Backward: the op's (medgen_rt/ops/attention.py) recomputes the forward with the
+PyTorch reference (SDPA underneath) and differentiates that; nothing N x N is saved.
 """
 from __future__ import annotations
 
@@ -306,34 +306,3 @@ def forward(q, k, v, rope=None, q_norm=None, k_norm=None, k_prepass=None) -> tor
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
         _autotuned_kernel[grid](*args, **flags)
     return out
-
-
-class TritonAttention(torch.autograd.Function):
-    """Forward by the Triton kernel; backward recomputes with the PyTorch reference
-    (SDPA, memory-efficient on CUDA) and differentiates that."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps, has_q_norm, has_k_norm):
-        rope = None if cos is None else (cos, sin)
-        q_norm = (qw, qb, q_eps) if has_q_norm else None
-        k_norm = (kw, kb, k_eps) if has_k_norm else None
-        out = forward(q, k, v, rope, q_norm, k_norm)
-        ctx.norm_meta = (q_eps, k_eps, has_q_norm, has_k_norm)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, cos, sin, qw, qb, kw, kb)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        from medgen_rt.ops.attention import recompute_reference_grads
-
-        return recompute_reference_grads(ctx, dout)
-
-
-def attention(q, k, v, rope=None, q_norm=None, k_norm=None) -> torch.Tensor:
-    """Triton backend entry; arguments already checked by the op."""
-    cos, sin = rope if rope is not None else (None, None)
-    qw, qb, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
-    kw, kb, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
-    return TritonAttention.apply(q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps,
-                                 q_norm is not None, k_norm is not None)

@@ -103,27 +103,3 @@ def backward(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, need_dy: b
             dy_arg.stride(0), dy_arg.stride(1),
             NEED_DY=need_dy, NEED_DGATE=need_dgate, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
     return dy, (dgate_part.sum(dim=1) if need_dgate else None)
-
-
-class TritonGatedResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate, y):
-        out = forward(x, gate, y)
-        # dy needs the gate, dgate needs y: keep only what the backward will use.
-        ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, y if ctx.needs_input_grad[1] else None)
-        ctx.gate_dtype = gate.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        gate, y = ctx.saved_tensors
-        need_dx, need_dgate, need_dy = ctx.needs_input_grad
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dy, dgate = backward(dout, gate if gate is not None else dout[:, 0], y if y is not None else dout,
-                             need_dy, need_dgate)
-        return (dout if need_dx else None), (dgate.to(ctx.gate_dtype) if need_dgate else None), dy
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Triton backend entry; the op has already cast gate and y to x's dtype with contiguous channels."""
-    return TritonGatedResidual.apply(x, gate, y)

@@ -8,7 +8,8 @@ memory. h is (B, N, K), weight (C, K), bias (C,) or None, x (B, N, C) and gate
 channel axis, h and weight any strides. Products accumulate in float32; float32
 inputs multiply in IEEE float32 unless torch allows TF32 for matmuls.
 
-Backward (PyTorch matmuls, no copy of the projection output kept):
+Backward, the op's (medgen_rt/ops/linear_gated_residual.py): PyTorch matmuls,
+no copy of the projection output kept:
     g = gate * dout;  dh = g @ weight;  dbias = sum g;  dx = dout
     dgate[b, c] = sum_n dout * y = sum_k G_b[c, k] weight[c, k] + bias[c] sum_n dout,
     with G_b = dout_b^T h_b, and dweight = sum_b gate_b * G_b.
@@ -18,7 +19,6 @@ B*N*C of y when K <= N; otherwise y is recomputed for dgate.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -117,41 +117,3 @@ def forward(x, gate, h, weight, bias) -> torch.Tensor:
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(h.dtype), PRECISION=dot_precision(h.dtype), **cfg)
     return out
-
-
-class TritonLinearGatedResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate, h, weight, bias):
-        out = forward(x, gate, h, weight, bias)
-        ctx.save_for_backward(gate, h, weight, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        gate, h, weight, bias = ctx.saved_tensors
-        need_x, need_gate, need_h, need_w, need_b = ctx.needs_input_grad
-        B, N, C = dout.shape
-        K = h.shape[-1]
-        dgate = dh = dweight = dbias = None
-        g = dout * gate[:, None, :] if (need_h or need_w or need_b) else None
-        if need_h:
-            dh = torch.matmul(g, weight)
-        if need_b:
-            dbias = g.sum(dim=(0, 1))
-        if need_gate and K <= N:
-            G = torch.matmul(dout.transpose(1, 2), h)  # (B, C, K): sum over tokens of dout * h
-            dgate = torch.einsum("bck,ck->bc", G, weight)
-            if bias is not None:
-                dgate = dgate + bias * dout.sum(dim=1)
-            if need_w:
-                dweight = torch.einsum("bc,bck->ck", gate, G)
-        elif need_gate:
-            dgate = (dout * F.linear(h, weight, bias)).sum(dim=1)
-        if need_w and dweight is None:
-            dweight = g.reshape(B * N, C).t().matmul(h.reshape(B * N, K))
-        return (dout if need_x else None), dgate, dh, dweight, dbias
-
-
-def linear_gated_residual(x, gate, h, weight, bias) -> torch.Tensor:
-    """Triton backend entry; arguments checked, cast and made channel-contiguous by the op."""
-    return TritonLinearGatedResidual.apply(x, gate, h, weight, bias)

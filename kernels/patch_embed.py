@@ -7,12 +7,10 @@ strides: row m of the GEMM is token (b, g1..g4) and column k is the patch entry
 the patch matrix is never built. Token order is row-major over the patch grid
 and a patch vector is laid out (C, p1, .., p4), as in the reference. Fewer than
 4 spatial axes get leading axes of size 1. The epilogue adds bias and the
-positional embedding. Backward in PyTorch: dx scatters dout @ weight back to the
-volume, dweight multiplies by the patches of x.
+positional embedding. The backward is the op's, in PyTorch (medgen_rt/ops/patch_embed.py).
 
 unpatchify: (B, N, prod(p) * C) tokens laid out (p1, .., p4, C) -> (B, C, *S);
 each program writes a block of output rows, contiguous along the last spatial axis.
-Backward: the inverse permutation, in PyTorch.
 """
 from __future__ import annotations
 
@@ -88,26 +86,6 @@ def _patch_embed_kernel(
              acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _volume_to_patches(x: torch.Tensor, patch: tuple) -> torch.Tensor:
-    """(B, C, *S) -> (B, N, C * prod(p)), patch vectors laid out (C, p1, ..)."""
-    B, C = x.shape[:2]
-    nd = len(patch)
-    grid = [s // p for s, p in zip(x.shape[2:], patch)]
-    split = [B, C] + [v for g, p in zip(grid, patch) for v in (g, p)]
-    order = [0] + [2 + 2 * i for i in range(nd)] + [1] + [3 + 2 * i for i in range(nd)]
-    return x.reshape(split).permute(order).reshape(B, math.prod(grid), C * math.prod(patch))
-
-
-def _patches_to_volume(patches: torch.Tensor, channels: int, grid: tuple, patch: tuple) -> torch.Tensor:
-    """The inverse of _volume_to_patches."""
-    B = patches.shape[0]
-    nd = len(patch)
-    x = patches.reshape([B, *grid, channels, *patch])
-    # (B, g1..gn, C, p1..pn) -> (B, C, g1, p1, .., gn, pn)
-    order = [0, 1 + nd] + [v for i in range(nd) for v in (1 + i, 2 + nd + i)]
-    return x.permute(order).reshape([B, channels, *(g * p for g, p in zip(grid, patch))])
-
-
 def patch_embed_forward(x, weight, bias, pos, patch) -> torch.Tensor:
     B, C = x.shape[:2]
     grid = [s // p for s, p in zip(x.shape[2:], patch)]
@@ -130,41 +108,6 @@ def patch_embed_forward(x, weight, bias, pos, patch) -> torch.Tensor:
         P1=P[0], P2=P[1], P3=P[2], P4=P[3], HAS_BIAS=bias is not None, HAS_POS=pos is not None,
         DOT_FP32=dot_in_fp32(x.dtype), PRECISION=dot_precision(x.dtype), **cfg)
     return out
-
-
-class TritonPatchEmbed(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, pos, patch):
-        out = patch_embed_forward(x, weight, bias, pos, patch)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
-        ctx.patch = patch
-        ctx.x_shape = x.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b, need_pos, _ = ctx.needs_input_grad
-        patch = ctx.patch
-        B, C = ctx.x_shape[:2]
-        hidden = dout.shape[-1]
-        dx = dweight = dbias = dpos = None
-        if need_x:
-            grid = tuple(s // p for s, p in zip(ctx.x_shape[2:], patch))
-            dx = _patches_to_volume(torch.matmul(dout, weight), C, grid, patch)
-        if need_w:
-            patches = _volume_to_patches(x, patch)
-            dweight = dout.reshape(-1, hidden).t().matmul(patches.reshape(-1, patches.shape[-1]))
-        if need_b:
-            dbias = dout.sum(dim=(0, 1))
-        if need_pos:
-            dpos = dout.sum(dim=0)
-        return dx, dweight, dbias, dpos, None
-
-
-def patch_embed(x, weight, bias, patch, pos) -> torch.Tensor:
-    """Triton backend entry: pos is (N, hidden) in x's dtype with contiguous channels, or None."""
-    return TritonPatchEmbed.apply(x, weight, bias, pos, tuple(patch))
 
 
 @triton.jit
@@ -213,24 +156,3 @@ def unpatchify_forward(tokens, grid, patch, channels) -> torch.Tensor:
         tokens.stride(0), tokens.stride(1), tokens.stride(2), out.stride(0), out.stride(1), *SO,
         P1=P[0], P2=P[1], P3=P[2], P4=P[3], BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
     return out
-
-
-class TritonUnpatchify(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, grid, patch, channels):
-        ctx.layout = (tokens.shape, grid, patch, channels)
-        return unpatchify_forward(tokens, grid, patch, channels)
-
-    @staticmethod
-    def backward(ctx, dout):
-        shape, grid, patch, channels = ctx.layout
-        nd = len(patch)
-        split = [shape[0], channels] + [v for g, p in zip(grid, patch) for v in (g, p)]
-        # (B, C, g1, p1, .., gn, pn) -> (B, g1..gn, p1..pn, C)
-        order = [0] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [1]
-        return dout.reshape(split).permute(order).reshape(shape), None, None, None
-
-
-def unpatchify(tokens, grid, patch, channels) -> torch.Tensor:
-    """Triton backend entry."""
-    return TritonUnpatchify.apply(tokens, tuple(grid), tuple(patch), int(channels))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medgen_rt import ops
-from medgen_rt.ops import _native
+from medgen_rt.ops import _native, registry
 from medgen_rt.ops.registry import Backend, BackendUnavailableError, Op
 
 
@@ -104,8 +104,10 @@ def test_adaln_auto_uses_native_on_cpu():
     assert ops.get_op("adaln_modulate").select(_adaln_args(), {})[0] == "native"
 
 
-def test_adaln_native_unloadable_falls_back_or_raises(monkeypatch):
+def test_adaln_native_unloadable_falls_back_or_raises(monkeypatch, request):
     monkeypatch.setattr(_native, "_load", lambda: (None, "medgen_rt._C could not be imported (simulated)"))
+    registry.clear_caches()  # cached choices assume the extension loaded; forget them (and again after)
+    request.addfinalizer(registry.clear_caches)
     op = ops.get_op("adaln_modulate")
     assert op.select(_adaln_args(), {})[0] == "reference"
     with pytest.raises(BackendUnavailableError, match="simulated"):

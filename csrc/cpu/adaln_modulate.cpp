@@ -5,11 +5,8 @@
 #include <cmath>
 #include <vector>
 
-#ifdef MEDGEN_WITH_OPENMP
-#include <omp.h>
-#endif
-
 #include "common/float_convert.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace medgen {
@@ -130,7 +127,7 @@ void forward_impl(const AdaLNArgs& a) {
       mod[(b * 2 + 1) * C + c] = to_float(shift[b * a.shift_sb + c]);
     }
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(B * N * C, B * N))
   {
     std::vector<float> buf(static_cast<size_t>(C));
     float* row = buf.data();
@@ -166,7 +163,7 @@ void backward_impl(const AdaLNBackwardArgs& a) {
   const T* scale = reinterpret_cast<const T*>(a.scale);
   T* dx = reinterpret_cast<T*>(a.dx);
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(2 * B * N * C, B * chunks))
   {
     std::vector<float> buf(static_cast<size_t>(C) * 3);
     float* xh = buf.data();
@@ -214,14 +211,6 @@ void adaln_modulate_backward(const AdaLNBackwardArgs& a) {
     case DType::Float16: backward_impl<half_t>(a); break;
     case DType::BFloat16: backward_impl<bfloat16_t>(a); break;
   }
-}
-
-int max_threads() {
-#ifdef MEDGEN_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 }  // namespace cpu

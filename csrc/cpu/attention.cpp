@@ -25,11 +25,8 @@
 #include <new>
 #include <stdexcept>
 
-#ifdef MEDGEN_WITH_OPENMP
-#include <omp.h>
-#endif
-
 #include "common/float_convert.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace medgen {
@@ -314,22 +311,15 @@ void attention_impl(const AttentionArgs& a) {
   const int64_t w_row = round16(2 * D), w_qs = round16(kBM * D), w_s = round16(kBM * kBN);
   const int64_t w_o = round16(kBM * dp), w_stats = round16(3 * kBM);
   const int64_t w_thread = w_row + w_qs + w_s + w_o + w_stats;
-#ifdef MEDGEN_WITH_OPENMP
-  const int max_threads = omp_get_max_threads();
-#else
-  const int max_threads = 1;
-#endif
-  AlignedFloats work(max_threads * w_thread);
+  // Keys and values are packed once per head (N rows), then every query block scans them.
+  const int threads = threads_for(heads * N * (N + 1) * D, heads * qblocks, kGrainMacs);
+  AlignedFloats work(threads * w_thread);
   AlignedFloats scratch(chunk * head_floats);
   for (int64_t h0 = 0; h0 < heads; h0 += chunk) {
     const int64_t nh = std::min(chunk, heads - h0);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
-#ifdef MEDGEN_WITH_OPENMP
-      float* const mine = work.p + omp_get_thread_num() * w_thread;
-#else
-      float* const mine = work.p;
-#endif
+      float* const mine = work.p + thread_index() * w_thread;
       float* const row = mine;  // 2 D: one transformed row and its RoPE temporary
       float* const qs = row + w_row;
       float* const s = qs + w_qs;

@@ -11,6 +11,7 @@
 #include "common/float_convert.h"
 #include "cpu/fast_convert.h"
 #include "cpu/huge_pages.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace medgen {
@@ -70,7 +71,7 @@ void forward_impl(const GatedResidualArgs& a) {
   // thread touches is the data its core touched in the previous op, still in its
   // cache (on a 2-vCPU VM this is ~2x faster than dynamic chunks when x and y
   // fit in the L3s).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads_for(a.B * N * C, a.B * N))
   for (int64_t r = 0; r < a.B * N; ++r) {
     const int64_t b = r / N, n = r % N;
     row_forward(x + b * a.x_sb + n * a.x_sn, gate.data() + b * C, y + b * a.y_sb + n * a.y_sn,
@@ -88,7 +89,7 @@ void backward_impl(const GatedResidualBackwardArgs& a) {
   const std::vector<float> gate = gate_as_float(static_cast<const T*>(a.gate), a.gate_sb, a.B, C);
   const bool want_dy = dy != nullptr, want_dgate = a.dgate_partial != nullptr;
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(a.B * N * C, a.B * chunks))
   {
     std::vector<double> acc(want_dgate ? static_cast<size_t>(C) : 0);
 #pragma omp for schedule(static)

@@ -26,6 +26,7 @@
 #include "common/float_convert.h"
 #include "cpu/fast_convert.h"
 #include "cpu/huge_pages.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace medgen {
@@ -130,7 +131,7 @@ void patch_embed_impl(const PatchEmbedArgs& a) {
   // Weight panels: wp[p][k][j] = weight[p * kNR + j, k], zero past hidden.
   // Uninitialised (every entry is written below): no memset of a buffer the size of the weight.
   std::unique_ptr<float[]> wp(new float[static_cast<size_t>(panels * K * kNR)]);
-#pragma omp parallel for schedule(static) if (panels * K * kNR >= (int64_t{1} << 15))
+#pragma omp parallel for schedule(static) num_threads(threads_for(panels * K * kNR, panels))
   for (int64_t p = 0; p < panels; ++p) {
     for (int64_t k = 0; k < K; ++k)
       for (int j = 0; j < kNR; ++j) {
@@ -165,7 +166,7 @@ void patch_embed_impl(const PatchEmbedArgs& a) {
   // Dynamic, one block at a time: on a shared machine a descheduled thread
   // should not hold half of the tokens (profiled under load with static
   // halves: a third of the samples were a thread waiting in the barrier).
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(M * H * K, n_blocks, kGrainMacs))
   {
     std::unique_ptr<float[]> buf(new float[static_cast<size_t>(block * K)]);
     std::vector<int64_t> row_off(static_cast<size_t>(block));
@@ -214,7 +215,7 @@ void unpatchify_impl(const UnpatchifyArgs& a) {
   const int64_t S1 = G[0] * P[0], S2 = G[1] * P[1], S3 = G[2] * P[2];
   const int64_t lines = a.B * S1 * S2 * S3;
   const int64_t step_q = a.C * a.t_sf, os = a.o_ss[3];
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads_for(lines * a.C * G[3] * P[3], lines))
   for (int64_t line = 0; line < lines; ++line) {
     int64_t r = line;
     const int64_t s3 = r % S3;

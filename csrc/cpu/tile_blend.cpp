@@ -7,6 +7,7 @@
 
 #include "common/float_convert.h"
 #include "cpu/fast_convert.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace medgen {
@@ -58,10 +59,7 @@ void blend_impl(const BlendArgs& a) {
   const T* src = static_cast<const T*>(a.src);
   const int64_t ds = a.dst_st[nd - 1], ss = src ? a.src_st[nd - 1] : 0, ws = a.w ? a.w_st[nd - 1] : 0;
   const bool contiguous = ds == 1 && (!src || ss == 1) && (!a.w || ws == 1);
-  // Small boxes are not worth waking the thread team.
-  const bool parallel = outer * inner >= (1 << 15) && outer > 1;
-
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static) num_threads(threads_for(outer * inner, outer))
   for (int64_t o = 0; o < outer; ++o) {
     // Offsets of this outer position (row-major over the outer dims).
     int64_t rem = o, d_off = 0, s_off = 0, w_off = 0;
@@ -93,7 +91,7 @@ MEDGEN_TB_CLONES void normalize_run(float* out, const float* w, int64_t n) {
 void blend_normalize(const NormalizeArgs& a) {
   constexpr int64_t kRange = 1 << 14;
   const int64_t ranges = (a.voxels + kRange - 1) / kRange;
-#pragma omp parallel for schedule(static) if (a.planes * a.voxels >= (1 << 15))
+#pragma omp parallel for schedule(static) num_threads(threads_for(a.planes * a.voxels, ranges))
   for (int64_t r = 0; r < ranges; ++r) {
     const int64_t i0 = r * kRange, n = std::min(kRange, a.voxels - i0);
     for (int64_t p = 0; p < a.planes; ++p) normalize_run(a.out + p * a.voxels + i0, a.w + i0, n);

@@ -23,6 +23,7 @@
 #endif
 
 #include "common/float_convert.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace medgen {
@@ -77,7 +78,7 @@ int64_t scan_row_exact(const VQNearestArgs& a, const float* zf, MAdd madd_fn) {
 }
 
 void vq_scalar(const VQNearestArgs& a) {
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(a.N * a.K * a.D, a.N, kGrainMacs))
   {
     std::vector<float> zf(static_cast<size_t>(a.D));
 #pragma omp for schedule(dynamic, 16)
@@ -147,7 +148,7 @@ __attribute__((target("avx2,fma"))) void vq_avx2(const VQNearestArgs& a) {
   const int64_t n_blocks = (a.N + kRowBlock - 1) / kRowBlock;
   auto fma_scalar = [](float x, float y, float z) { return fma1(x, y, z); };
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads_for(a.N * K * D, n_blocks, kGrainMacs))
   {
     std::vector<float> zbuf(static_cast<size_t>(kRowBlock * D));
     std::vector<LaneState> state(kRowBlock);

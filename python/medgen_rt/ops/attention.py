@@ -14,9 +14,15 @@ forward with norm and RoPE fused, float32 arithmetic, default on the CPU;
 csrc/cuda/attention.cu: a plain flash-style CUDA kernel, chosen only by name),
 triton (kernels/attention.py: flash-style forward, default on CUDA), flash_attn
 (only when the flash-attn package imports: 16-bit CUDA tensors, norm and RoPE
-applied in PyTorch first). native and triton are forward kernels; their backward
-recomputes the reference and differentiates it. Neither has attention dropout
-(with dropout the automatic choice falls to flash_attn or the reference).
+applied in PyTorch first, flash-attn's own autograd). Neither native nor triton has
+attention dropout (with dropout the automatic choice falls to flash_attn or the
+reference).
+
+torch op: ``medgen::attention(q, k, v, cos, sin, q_weight, q_bias, q_eps, k_weight,
+k_bias, k_eps, backend)`` (no norm when its eps is None; no dropout): the native and
+Triton forward kernels; its backward recomputes the reference and differentiates it
+(SDPA's backward underneath; nothing N x N is saved). The output is (B, H, N, d) laid
+out as (B, N, H, d) in memory, so the DiT's transpose + reshape to tokens is a view.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from medgen_rt.kernels import triton_unavailable_reason
+from medgen_rt.ops import _native
 from medgen_rt.ops.registry import Backend, register_op
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,13 +108,59 @@ def check_attention(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None)
     _check_norm("k_norm", k_norm, q.shape[3], q.device)
 
 
+# ---- the torch op's arguments and autograd ------------------------------------------------
+
+def _op_args(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None) -> tuple:
+    # dropout_p is always 0 here: only the reference and flash_attn (direct) take dropout.
+    cos, sin = rope if rope is not None else (None, None)
+    qw, qb, q_eps = q_norm if q_norm is not None else (None, None, None)
+    kw, kb, k_eps = k_norm if k_norm is not None else (None, None, None)
+    return (q, k, v, cos, sin, qw, qb, None if q_eps is None else float(q_eps),
+            kw, kb, None if k_eps is None else float(k_eps))
+
+
+def _unflatten(cos, sin, qw, qb, q_eps, kw, kb, k_eps) -> tuple:
+    """(rope, q_norm, k_norm) from the torch op's flat arguments."""
+    return (None if cos is None else (cos, sin), None if q_eps is None else (qw, qb, q_eps),
+            None if k_eps is None else (kw, kb, k_eps))
+
+
+def _empty_output(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) laid out as (B, N, H, d): every kernel writes this layout."""
+    B, H, N, d = q.shape
+    return q.new_empty((B, N, H, d)).transpose(1, 2)
+
+
+def _reference_kernel(q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps):
+    rope, q_norm, k_norm = _unflatten(cos, sin, qw, qb, q_eps, kw, kb, k_eps)
+    return _empty_output(q).copy_(attention_reference(q, k, v, rope, 0.0, q_norm, k_norm))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps, _ = inputs
+    ctx.save_for_backward(q, k, v, cos, sin, qw, qb, kw, kb)
+    ctx.eps = (q_eps, k_eps)
+
+
+_TENSOR_SLOTS = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # q k v cos sin qw qb kw kb among the op's inputs
+
+
+def _backward(ctx, dout):
+    """Recompute the forward with the reference and differentiate that."""
+    q_eps, k_eps = ctx.eps
+    needs = [ctx.needs_input_grad[i] for i in _TENSOR_SLOTS]
+    inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+    q, k, v, cos, sin, qw, qb, kw, kb = inputs
+    rope, q_norm, k_norm = _unflatten(cos, sin, qw, qb, q_eps, kw, kb, k_eps)
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    with torch.enable_grad():
+        out = attention_reference(q, k, v, rope, 0.0, q_norm, k_norm)
+        grads = iter(torch.autograd.grad(out, wanted, dout))
+    g = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
+    return (*g[:7], None, g[7], g[8], None, None)
+
+
 # ---- triton backend (kernels/attention.py) -------------------------------------------
-
-def _triton_unavailable(device_type: str):
-    from medgen_rt.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
-
 
 def _triton_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
     from medgen_rt.kernels.attention import MAX_HEAD_DIM
@@ -120,37 +174,13 @@ def _triton_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None
     return None
 
 
-def attention_triton(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
-    from medgen_rt.kernels.attention import attention as triton_attention
+def attention_triton(q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps):
+    from medgen_rt.kernels.attention import forward
 
-    return triton_attention(q, k, v, rope, q_norm, k_norm)
-
-
-def recompute_reference_grads(ctx, dout) -> tuple:
-    """Backward of a forward-only kernel (Triton, native): recompute with the reference
-    and differentiate that. ctx is an autograd Function's context whose forward took
-    (q k v cos sin qw qb q_eps kw kb k_eps has_q_norm has_k_norm), saved
-    (q k v cos sin qw qb kw kb) and set ctx.norm_meta = (q_eps, k_eps, has_q_norm, has_k_norm)."""
-    q_eps, k_eps, has_q_norm, has_k_norm = ctx.norm_meta
-    n = ctx.needs_input_grad
-    needs = (n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[8], n[9])  # the tensor slots, eps skipped
-    inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-    q, k, v, cos, sin, qw, qb, kw, kb = inputs
-    with torch.enable_grad():
-        out = attention_reference(q, k, v, None if cos is None else (cos, sin), 0.0,
-                                  (qw, qb, q_eps) if has_q_norm else None,
-                                  (kw, kb, k_eps) if has_k_norm else None)
-        wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, dout))
-    result = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
-    return (*result[:7], None, result[7], result[8], None, None, None)
+    return forward(q, k, v, *_unflatten(cos, sin, qw, qb, q_eps, kw, kb, k_eps))
 
 
 # ---- native backend (csrc/cpu/attention.cpp, csrc/cuda/attention.cu) -----------------
-
-from torch.autograd.function import once_differentiable  # noqa: E402
-
-from medgen_rt.ops import _native  # noqa: E402
 
 NATIVE_MAX_HEAD_DIM = 128
 
@@ -161,10 +191,8 @@ def _native_table(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def native_forward(q, k, v, rope=None, q_norm=None, k_norm=None) -> torch.Tensor:
-    """The native kernel alone (no autograd). The output is (B, H, N, d) laid out as
-    (B, N, H, d) in memory, so the DiT's transpose + reshape to tokens is a view."""
-    B, H, N, d = q.shape
-    out = torch.empty((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    """The native kernel alone (no autograd), into the (B, N, H, d) memory layout."""
+    out = _empty_output(q)
     cos, sin = (None, None) if rope is None else (_native_table(rope[0]), _native_table(rope[1]))
     qw, qb, q_eps = q_norm if q_norm is not None else (None, None, None)
     kw, kb, k_eps = k_norm if k_norm is not None else (None, None, None)
@@ -179,26 +207,6 @@ def native_forward(q, k, v, rope=None, q_norm=None, k_norm=None) -> torch.Tensor
         None if q_eps is None else float(q_eps), opt(tables[2]), opt(tables[3]),
         None if k_eps is None else float(k_eps), _native.stream_handle(q))
     return out
-
-
-class _NativeAttention(torch.autograd.Function):
-    """Forward by the native kernel; backward recomputes with the PyTorch reference and
-    differentiates that (the kernel is forward-only)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps, has_q_norm, has_k_norm):
-        rope = None if cos is None else (cos, sin)
-        out = native_forward(q, k, v, rope, (qw, qb, q_eps) if has_q_norm else None,
-                             (kw, kb, k_eps) if has_k_norm else None)
-        ctx.norm_meta = (q_eps, k_eps, has_q_norm, has_k_norm)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, cos, sin, qw, qb, kw, kb)
-        return out
-
-    @staticmethod
-    @once_differentiable  # the recompute's graph is not kept: a double backward must fail, not be wrong
-    def backward(ctx, dout):
-        return recompute_reference_grads(ctx, dout)
 
 
 def _native_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
@@ -217,15 +225,8 @@ def _native_supports(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None
     return None
 
 
-def attention_native(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=None):
-    tensors = [q, k, v, *(rope or ())] + [t for norm in (q_norm, k_norm) if norm is not None for t in norm[:2]]
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        return native_forward(q, k, v, rope, q_norm, k_norm)  # inference: no autograd bookkeeping
-    cos, sin = rope if rope is not None else (None, None)
-    qw, qb, q_eps = q_norm if q_norm is not None else (None, None, 0.0)
-    kw, kb, k_eps = k_norm if k_norm is not None else (None, None, 0.0)
-    return _NativeAttention.apply(q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps,
-                                  q_norm is not None, k_norm is not None)
+def attention_native(q, k, v, cos, sin, qw, qb, q_eps, kw, kb, k_eps):
+    return native_forward(q, k, v, *_unflatten(cos, sin, qw, qb, q_eps, kw, kb, k_eps))
 
 
 # ---- flash_attn backend (optional package) -------------------------------------------
@@ -240,6 +241,7 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+@torch.compiler.assume_constant_result
 def _flash_attn_unavailable(device_type: str):
     if _flash_attn_func() is None:
         return "flash-attn is not installed (pip install '.[flash]')"
@@ -268,6 +270,8 @@ def attention_flash_attn(q, k, v, rope=None, dropout_p=0.0, q_norm=None, k_norm=
     return out.transpose(1, 2)
 
 
+# ---- registration ---------------------------------------------------------------------
+
 attention = register_op("attention", attention_reference, check_args=check_attention)
 attention.register(Backend(
     name="native", fn=attention_native, devices=frozenset({"cpu", "cuda"}),
@@ -279,11 +283,18 @@ attention.register(Backend(
     name="triton", fn=attention_triton, devices=frozenset({"cpu", "cuda"}),
     # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
     default_on=frozenset({"cuda"}), priority=2,
-    is_available=_triton_unavailable, supports=_triton_supports))
+    is_available=triton_unavailable_reason, supports=_triton_supports))
 # Registered only where the package imports; picked automatically on CUDA when the Triton
-# kernel declines (attention dropout in training), ahead of the reference.
+# kernel declines (attention dropout in training), ahead of the reference. Its function is
+# differentiable itself, so it is called directly rather than through medgen::attention.
 if _flash_attn_func() is not None:
     attention.register(Backend(
         name="flash_attn", fn=attention_flash_attn, devices=frozenset({"cuda"}),
-        default_on=frozenset({"cuda"}), priority=1,
+        default_on=frozenset({"cuda"}), priority=1, direct=True,
         is_available=_flash_attn_unavailable, supports=_flash_attn_supports))
+
+attention.define_torch_op(
+    "(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, Tensor? q_weight, Tensor? q_bias, float? q_eps, "
+    "Tensor? k_weight, Tensor? k_bias, float? k_eps, str backend) -> Tensor",
+    _op_args, fake=lambda q, *rest: _empty_output(q), setup_context=_setup_context, backward=_backward,
+    reference_kernel=_reference_kernel)

@@ -10,6 +10,9 @@ dtype (as F.linear requires). Output (B, N, C) in x's dtype, equal to
 Backends: reference (this file), triton (kernels/linear_gated_residual.py: a GEMM
 whose epilogue applies bias, gate and residual, so the projection output is never
 written to memory).
+
+torch op: ``medgen::linear_gated_residual(x, gate, h, weight, bias, backend)``; its
+backward is PyTorch (GEMMs), whichever kernel ran the forward.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from medgen_rt.kernels import triton_unavailable_reason
 from medgen_rt.ops.gated_residual import gated_residual_reference
 from medgen_rt.ops.registry import Backend, register_op
 
@@ -57,13 +61,16 @@ def check_args(x, gate, h, weight, bias=None) -> None:
                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
 
 
+def _op_args(x, gate, h, weight, bias=None) -> tuple:
+    # Casts stay outside the op so autograd converts their grads.
+    gate = gate.to(x.dtype)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
+    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
+    return x, gate, h, weight, bias
+
+
 # ---- triton backend (kernels/linear_gated_residual.py) -------------------------------
-
-def _triton_unavailable(device_type: str):
-    from medgen_rt.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
-
 
 def _triton_supports(x, gate, h, weight, bias=None):
     if x.dtype != h.dtype:
@@ -71,20 +78,55 @@ def _triton_supports(x, gate, h, weight, bias=None):
     return None
 
 
-def linear_gated_residual_triton(x, gate, h, weight, bias=None):
-    from medgen_rt.kernels.linear_gated_residual import linear_gated_residual as kernel
+def linear_gated_residual_triton(x, gate, h, weight, bias):
+    from medgen_rt.kernels.linear_gated_residual import forward
 
-    # Casts stay outside the kernel's autograd Function so torch converts their grads.
-    gate = gate.to(x.dtype)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    gate = gate if gate.stride(-1) == 1 else gate.contiguous()
-    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
-    return kernel(x, gate, h, weight, bias)
+    return forward(x, gate, h, weight, bias)
 
+
+# ---- registration ---------------------------------------------------------------------
 
 linear_gated_residual = register_op("linear_gated_residual", linear_gated_residual_reference, check_args=check_args)
 linear_gated_residual.register(Backend(
     name="triton", fn=linear_gated_residual_triton, devices=frozenset({"cpu", "cuda"}),
     # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
     default_on=frozenset({"cuda"}), priority=2,
-    is_available=_triton_unavailable, supports=_triton_supports))
+    is_available=triton_unavailable_reason, supports=_triton_supports))
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, h, weight, bias, _ = inputs
+    ctx.save_for_backward(gate, h, weight, bias)
+
+
+def _backward(ctx, dout):
+    """The GEMMs of the unfused op's gradient; dgate by whichever order costs less."""
+    gate, h, weight, bias = ctx.saved_tensors
+    need_x, need_gate, need_h, need_w, need_b = ctx.needs_input_grad[:5]
+    B, N, C = dout.shape
+    K = h.shape[-1]
+    dgate = dh = dweight = dbias = None
+    g = dout * gate[:, None, :] if (need_h or need_w or need_b) else None
+    if need_h:
+        dh = torch.matmul(g, weight)
+    if need_b:
+        dbias = g.sum(dim=(0, 1))
+    if need_gate and K <= N:
+        G = torch.matmul(dout.transpose(1, 2), h)  # (B, C, K): sum over tokens of dout * h
+        dgate = torch.einsum("bck,ck->bc", G, weight)
+        if bias is not None:
+            dgate = dgate + bias * dout.sum(dim=1)
+        if need_w:
+            dweight = torch.einsum("bc,bck->ck", gate, G)
+    elif need_gate:
+        dgate = (dout * F.linear(h, weight, bias)).sum(dim=1)
+    if need_w and dweight is None:
+        dweight = g.reshape(B * N, C).t().matmul(h.reshape(B * N, K))
+    return (dout if need_x else None), dgate, dh, dweight, dbias, None
+
+
+linear_gated_residual.define_torch_op(
+    "(Tensor x, Tensor gate, Tensor h, Tensor weight, Tensor? bias, str backend) -> Tensor", _op_args,
+    fake=lambda x, gate, h, weight, bias, backend: x.new_empty(x.shape),
+    setup_context=_setup_context, backward=_backward,
+    reference_kernel=lambda *args: linear_gated_residual_reference(*args).contiguous())

@@ -10,9 +10,12 @@ published 3D DiT) and the einops order "(c pz ph pw pt)" (the published 4D DiT).
 unpatchify scatters the final layer's output back:
     tokens (B, N, prod(p) * C_out), laid out (p1, p2, ..., C_out)  ->  (B, C_out, *S)
 
-Backends: reference (this file); native (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu:
-forward kernels, backward in PyTorch), the default on the CPU; triton (kernels/patch_embed.py),
-the default on CUDA, where native is the fallback.
+Backends: reference (this file); native (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu),
+the default on the CPU; triton (kernels/patch_embed.py), the default on CUDA, where native
+is the fallback. All are forward kernels; the backward is PyTorch.
+
+torch ops: ``medgen::patch_embed(x, weight, bias, patch, pos, backend)`` with pos as
+(N, hidden) in x's dtype, and ``medgen::unpatchify(tokens, grid, patch, out_channels, backend)``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from medgen_rt.kernels import triton_unavailable_reason
+from medgen_rt.ops import _native
 from medgen_rt.ops.registry import Backend, register_op
 
 
@@ -114,9 +119,69 @@ def _volume_to_tokens(x: torch.Tensor, grid: Sequence[int], patch_size: Sequence
     return x.reshape(split).permute(order).reshape(B, math.prod(grid), math.prod(patch_size) * C)
 
 
-# ---- native backend (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu) -------------
+# ---- the torch ops' arguments and autograd ----------------------------------------------
 
-from medgen_rt.ops import _native  # noqa: E402
+def _patch_embed_op_args(x, weight, bias, patch_size, pos_embed=None) -> tuple:
+    if pos_embed is not None:
+        # As the reference: the embedding rounded to the tokens' dtype. The cast and view stay
+        # outside the op, so autograd maps the (N, hidden) grad back to pos_embed's shape.
+        pos_embed = pos_embed.to(x.dtype).reshape(pos_embed.shape[-2:])
+        if pos_embed.shape[-1] > 1 and pos_embed.stride(-1) != 1:
+            pos_embed = pos_embed.contiguous()
+    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
+    return x, weight, bias, [int(p) for p in patch_size], pos_embed
+
+
+def _patch_embed_fake(x, weight, bias, patch, pos, backend):
+    tokens = math.prod(s // p for s, p in zip(x.shape[2:], patch))
+    return x.new_empty((x.shape[0], tokens, weight.shape[0]))
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    x, weight, _, patch, _, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.patch = tuple(patch)
+
+
+def _patch_embed_backward(ctx, dout):
+    """dx scatters dout @ weight back to the volume, dweight multiplies dout by the
+    patches of x, dbias and dpos are sums."""
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b, _, need_pos, _ = ctx.needs_input_grad
+    patch = ctx.patch
+    dx = dweight = dbias = dpos = None
+    if need_x:
+        grid = tuple(s // p for s, p in zip(x.shape[2:], patch))
+        dx = _patches_to_volume(torch.matmul(dout, weight), x.shape[1], grid, patch)
+    if need_w:
+        patches = _to_patches(x, patch)
+        dweight = dout.reshape(-1, dout.shape[-1]).t().matmul(patches.reshape(-1, patches.shape[-1]))
+    if need_b:
+        dbias = dout.sum(dim=(0, 1))
+    if need_pos:
+        dpos = dout.sum(dim=0)
+    return dx, dweight, dbias, None, dpos, None
+
+
+def _unpatchify_op_args(tokens, grid, patch_size, out_channels) -> tuple:
+    return tokens, [int(g) for g in grid], [int(p) for p in patch_size], int(out_channels)
+
+
+def _unpatchify_fake(tokens, grid, patch, out_channels, backend):
+    return tokens.new_empty([tokens.shape[0], out_channels, *(g * p for g, p in zip(grid, patch))])
+
+
+def _unpatchify_setup(ctx, inputs, output):
+    _, grid, patch, _, _ = inputs
+    ctx.layout = (tuple(grid), tuple(patch))
+
+
+def _unpatchify_backward(ctx, dout):
+    grid, patch = ctx.layout
+    return _volume_to_tokens(dout, grid, patch), None, None, None, None
+
+
+# ---- native backend (csrc/cpu/patch_embed.cpp, csrc/cuda/patch_embed.cu) -------------
 
 _NATIVE_MAX_SPATIAL = 4
 
@@ -137,50 +202,15 @@ def _native_patch_embed_supports(x, weight, bias, patch_size, pos_embed=None):
     return None
 
 
-class _NativePatchEmbed(torch.autograd.Function):
-    """Forward: one native kernel. Backward in PyTorch: dx scatters dout @ weight back to
-    the volume, dweight multiplies dout by the patches of x, dbias and dpos are sums."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, pos, patch):
-        B, C = x.shape[:2]
-        grid = grid_shape(x.shape[2:], patch)
-        out = torch.empty((B, math.prod(grid), weight.shape[0]), dtype=x.dtype, device=x.device)
-        d = _native.describe
-        _native.native_module().patch_embed_forward(
-            d(x), d(weight), None if bias is None else d(bias), None if pos is None else d(pos), d(out),
-            list(patch), _native.stream_handle(x))
-        need_x, need_w = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.layout = (C, grid, patch)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b, need_pos, _ = ctx.needs_input_grad
-        channels, grid, patch = ctx.layout
-        dx = dweight = dbias = dpos = None
-        if need_x:
-            dx = _patches_to_volume(torch.matmul(dout, weight), channels, grid, patch)
-        if need_w:
-            patches = _to_patches(x, patch)
-            dweight = dout.reshape(-1, dout.shape[-1]).t().matmul(patches.reshape(-1, patches.shape[-1]))
-        if need_b:
-            dbias = dout.sum(dim=(0, 1))
-        if need_pos:
-            dpos = dout.sum(dim=0)
-        return dx, dweight, dbias, dpos, None
-
-
-def patch_embed_native(x, weight, bias, patch_size, pos_embed=None):
-    if pos_embed is not None:
-        # As the reference: the embedding rounded to the tokens' dtype. The cast and view stay
-        # outside the Function, so autograd maps the (N, hidden) grad back to pos_embed's shape.
-        pos_embed = pos_embed.to(x.dtype).reshape(pos_embed.shape[-2:])
-        if pos_embed.shape[-1] > 1 and pos_embed.stride(-1) != 1:
-            pos_embed = pos_embed.contiguous()
-    return _NativePatchEmbed.apply(x, weight, bias, pos_embed, tuple(int(p) for p in patch_size))
+def patch_embed_native(x, weight, bias, patch, pos):
+    B = x.shape[0]
+    grid = grid_shape(x.shape[2:], patch)
+    out = torch.empty((B, math.prod(grid), weight.shape[0]), dtype=x.dtype, device=x.device)
+    d = _native.describe
+    _native.native_module().patch_embed_forward(
+        d(x), d(weight), None if bias is None else d(bias), None if pos is None else d(pos), d(out),
+        list(patch), _native.stream_handle(x))
+    return out
 
 
 def _native_unpatchify_supports(tokens, grid, patch_size, out_channels):
@@ -191,40 +221,18 @@ def _native_unpatchify_supports(tokens, grid, patch_size, out_channels):
     return None
 
 
-class _NativeUnpatchify(torch.autograd.Function):
-    """Forward: one native strided copy. Backward: the inverse permutation, in PyTorch."""
-
-    @staticmethod
-    def forward(ctx, tokens, grid, patch, channels):
-        B = tokens.shape[0]
-        out = torch.empty([B, channels, *(g * p for g, p in zip(grid, patch))], dtype=tokens.dtype,
-                          device=tokens.device)
-        d = _native.describe
-        _native.native_module().unpatchify(d(tokens), d(out), list(patch), _native.stream_handle(tokens))
-        ctx.layout = (grid, patch)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        grid, patch = ctx.layout
-        return _volume_to_tokens(dout, grid, patch), None, None, None
-
-
-def unpatchify_native(tokens, grid, patch_size, out_channels):
-    return _NativeUnpatchify.apply(tokens, tuple(int(g) for g in grid), tuple(int(p) for p in patch_size),
-                                   int(out_channels))
+def unpatchify_native(tokens, grid, patch, channels):
+    out = torch.empty([tokens.shape[0], channels, *(g * p for g, p in zip(grid, patch))], dtype=tokens.dtype,
+                      device=tokens.device)
+    _native.native_module().unpatchify(_native.describe(tokens), _native.describe(out), list(patch),
+                                       _native.stream_handle(tokens))
+    return out
 
 
 # ---- triton backend (kernels/patch_embed.py) -----------------------------------------
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_SPATIAL = 4
-
-
-def _triton_unavailable(device_type: str):
-    from medgen_rt.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
 
 
 def _triton_patch_embed_supports(x, weight, bias, patch_size, pos_embed=None):
@@ -241,16 +249,10 @@ def _triton_patch_embed_supports(x, weight, bias, patch_size, pos_embed=None):
     return None
 
 
-def patch_embed_triton(x, weight, bias, patch_size, pos_embed=None):
-    from medgen_rt.kernels.patch_embed import patch_embed as kernel
+def patch_embed_triton(x, weight, bias, patch, pos):
+    from medgen_rt.kernels.patch_embed import patch_embed_forward
 
-    if pos_embed is not None:
-        # As the reference: the embedding rounded to the tokens' dtype. A view/cast outside
-        # the kernel's Function, so autograd maps the (N, hidden) grad back to its shape.
-        pos_embed = pos_embed.to(x.dtype).reshape(pos_embed.shape[-2:])
-        pos_embed = pos_embed if pos_embed.stride(-1) == 1 else pos_embed.contiguous()
-    bias = bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
-    return kernel(x, weight, bias, tuple(patch_size), pos_embed)
+    return patch_embed_forward(x, weight, bias, pos, tuple(patch))
 
 
 def _triton_unpatchify_supports(tokens, grid, patch_size, out_channels):
@@ -261,11 +263,13 @@ def _triton_unpatchify_supports(tokens, grid, patch_size, out_channels):
     return None
 
 
-def unpatchify_triton(tokens, grid, patch_size, out_channels):
-    from medgen_rt.kernels.patch_embed import unpatchify as kernel
+def unpatchify_triton(tokens, grid, patch, channels):
+    from medgen_rt.kernels.patch_embed import unpatchify_forward
 
-    return kernel(tokens, grid, patch_size, out_channels)
+    return unpatchify_forward(tokens, grid, patch, channels)
 
+
+# ---- registration ---------------------------------------------------------------------
 
 patch_embed = register_op("patch_embed", patch_embed_reference, check_args=check_patch_embed)
 unpatchify = register_op("unpatchify", unpatchify_reference, check_args=check_unpatchify)
@@ -274,7 +278,7 @@ for _op, _fn, _supports in ((patch_embed, patch_embed_triton, _triton_patch_embe
     _op.register(Backend(
         name="triton", fn=_fn, devices=frozenset({"cpu", "cuda"}),
         # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
-        default_on=frozenset({"cuda"}), priority=2, is_available=_triton_unavailable, supports=_supports))
+        default_on=frozenset({"cuda"}), priority=2, is_available=triton_unavailable_reason, supports=_supports))
 for _op, _fn, _supports in ((patch_embed, patch_embed_native, _native_patch_embed_supports),
                             (unpatchify, unpatchify_native, _native_unpatchify_supports)):
     _op.register(Backend(
@@ -284,3 +288,13 @@ for _op, _fn, _supports in ((patch_embed, patch_embed_native, _native_patch_embe
         # fallback when Triton cannot run.
         default_on=frozenset({"cpu", "cuda"}), priority=1,
         is_available=_native.unavailable_reason, supports=_supports))
+
+patch_embed.define_torch_op(
+    "(Tensor x, Tensor weight, Tensor? bias, int[] patch, Tensor? pos, str backend) -> Tensor",
+    _patch_embed_op_args, fake=_patch_embed_fake, setup_context=_patch_embed_setup,
+    backward=_patch_embed_backward,
+    reference_kernel=lambda x, weight, bias, patch, pos: patch_embed_reference(x, weight, bias, patch, pos).contiguous())
+unpatchify.define_torch_op(
+    "(Tensor tokens, int[] grid, int[] patch, int out_channels, str backend) -> Tensor",
+    _unpatchify_op_args, fake=_unpatchify_fake, setup_context=_unpatchify_setup, backward=_unpatchify_backward,
+    reference_kernel=lambda *args: unpatchify_reference(*args).contiguous())

@@ -12,6 +12,10 @@ final normalisation by the accumulated weights.
 
 tile_blend backends: reference (this file), native (csrc/cpu, csrc/cuda; no temporaries),
 triton (kernels/tile_blend.py). tile_normalize: reference and native (one in-place pass).
+
+torch ops, mutating their first arguments, no autograd:
+``medgen::tile_blend(out, weight_sum, tile, start, weight, backend)`` (the region is
+``start`` plus the tile's size) and ``medgen::tile_normalize(out, weight_sum, backend)``.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from typing import Optional
 
 import torch
 
-from medgen_rt.ops.registry import register_op
+from medgen_rt.kernels import triton_unavailable_reason
+from medgen_rt.ops import _native
+from medgen_rt.ops.registry import Backend, register_op
 
 
 def tile_blend_reference(out: torch.Tensor, weight_sum: torch.Tensor, tile: torch.Tensor, region: tuple,
@@ -61,11 +67,20 @@ def check_tile_normalize(out, weight_sum):
         raise ValueError(f"tile_normalize: weight_sum must be {tuple(out.shape[2:])}, got {tuple(weight_sum.shape)}")
 
 
+def _blend_op_args(out, weight_sum, tile, region, weight=None) -> tuple:
+    start = [s.indices(n)[0] for s, n in zip(region, out.shape[2:])]
+    return out, weight_sum, tile, start, weight
+
+
+def _region(start, tile) -> tuple:
+    return tuple(slice(a, a + n) for a, n in zip(start, tile.shape[2:]))
+
+
+def _blend_reference_kernel(out, weight_sum, tile, start, weight) -> None:
+    tile_blend_reference(out, weight_sum, tile, _region(start, tile), weight)
+
+
 # ---- native backend (csrc/cpu/tile_blend.cpp, csrc/cuda/tile_blend.cu) -------------------
-
-from medgen_rt.ops import _native  # noqa: E402
-from medgen_rt.ops.registry import Backend as _NativeBackend  # noqa: E402
-
 
 def _native_blend_supports(out, weight_sum, tile, region, weight=None):
     if out.dtype != torch.float32:
@@ -85,8 +100,8 @@ def _native_blend_supports(out, weight_sum, tile, region, weight=None):
     return None
 
 
-def tile_blend_native(out, weight_sum, tile, region, weight=None) -> None:
-    region = tuple(region)
+def tile_blend_native(out, weight_sum, tile, start, weight) -> None:
+    region = _region(start, tile)
     if tile.device != out.device:
         # A pinned CPU output with the tile on the GPU (or the reverse): move the tile
         # first, as the reference does, but synchronously towards the host, where the
@@ -105,24 +120,9 @@ def tile_blend_native(out, weight_sum, tile, region, weight=None) -> None:
         module.tile_blend_accumulate(d(weight_sum[region]), None, None if weight is None else d(weight), stream)
 
 
-tile_blend = register_op("tile_blend", tile_blend_reference, check_args=check_tile_blend)
-tile_blend.register(_NativeBackend(
-    name="native", fn=tile_blend_native, devices=frozenset({"cpu", "cuda"}),
-    default_on=frozenset({"cpu", "cuda"}), priority=1,
-    is_available=_native.unavailable_reason, supports=_native_blend_supports))
-
-
 # ---- triton backend (kernels/tile_blend.py) --------------------------------------------
 
-from medgen_rt.ops.registry import Backend  # noqa: E402
-
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_unavailable(device_type: str):
-    from medgen_rt.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
 
 
 def _triton_blend_supports(out, weight_sum, tile, region, weight=None):
@@ -147,20 +147,13 @@ def _triton_blend_supports(out, weight_sum, tile, region, weight=None):
     return None
 
 
-def tile_blend_triton(out, weight_sum, tile, region, weight=None) -> None:
+def tile_blend_triton(out, weight_sum, tile, start, weight) -> None:
     from medgen_rt.kernels.tile_blend import tile_blend as kernel
 
-    kernel(out, weight_sum, tile, region, weight)
+    kernel(out, weight_sum, tile, _region(start, tile), weight)
 
 
-tile_blend.register(Backend(
-    name="triton", fn=tile_blend_triton, devices=frozenset({"cpu", "cuda"}),
-    # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
-    default_on=frozenset({"cuda"}), priority=2,
-    is_available=_triton_unavailable, supports=_triton_blend_supports))
-
-tile_normalize = register_op("tile_normalize", tile_normalize_reference, check_args=check_tile_normalize)
-
+# ---- tile_normalize: native backend --------------------------------------------------------
 
 def _native_normalize_supports(out, weight_sum):
     if out.dtype != torch.float32 or weight_sum.dtype != torch.float32:
@@ -179,7 +172,31 @@ def tile_normalize_native(out, weight_sum) -> None:
                                            _native.stream_handle(out))
 
 
-tile_normalize.register(_NativeBackend(
+# ---- registration ---------------------------------------------------------------------
+# Backends' supports() look at strides (layouts, contiguity): key_strides.
+
+tile_blend = register_op("tile_blend", tile_blend_reference, check_args=check_tile_blend,
+                         differentiable=False, key_strides=True)
+tile_blend.register(Backend(
+    name="native", fn=tile_blend_native, devices=frozenset({"cpu", "cuda"}),
+    default_on=frozenset({"cpu", "cuda"}), priority=1,
+    is_available=_native.unavailable_reason, supports=_native_blend_supports))
+tile_blend.register(Backend(
+    name="triton", fn=tile_blend_triton, devices=frozenset({"cpu", "cuda"}),
+    # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
+    default_on=frozenset({"cuda"}), priority=2,
+    is_available=triton_unavailable_reason, supports=_triton_blend_supports))
+tile_blend.define_torch_op(
+    "(Tensor(a!) out, Tensor(b!)? weight_sum, Tensor tile, int[] start, Tensor? weight, str backend) -> ()",
+    _blend_op_args, fake=lambda *args: None, mutates_args=("out", "weight_sum"),
+    reference_kernel=_blend_reference_kernel)
+
+tile_normalize = register_op("tile_normalize", tile_normalize_reference, check_args=check_tile_normalize,
+                             differentiable=False, key_strides=True)
+tile_normalize.register(Backend(
     name="native", fn=tile_normalize_native, devices=frozenset({"cpu", "cuda"}),
     default_on=frozenset({"cpu", "cuda"}), priority=1,
     is_available=_native.unavailable_reason, supports=_native_normalize_supports))
+tile_normalize.define_torch_op(
+    "(Tensor(a!) out, Tensor weight_sum, str backend) -> ()", lambda out, weight_sum: (out, weight_sum),
+    fake=lambda *args: None, mutates_args=("out",))

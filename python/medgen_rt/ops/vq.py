@@ -22,12 +22,17 @@ must return identical indices (the harness compares integer outputs exactly). Th
 native kernels accumulate z.c in the order d = 0..D-1 with fused multiply-adds, which
 is what MKL's sgemm does for the reference's blocks, so their distances are the
 reference's bit for bit on such CPUs; rows whose distances overflow float32 may differ.
+
+torch op: ``medgen::vq_nearest(z, codebook, backend) -> (indices, quantized)``, without
+autograd (inputs detached).
 """
 from __future__ import annotations
 
 import torch
 
-from medgen_rt.ops.registry import register_op
+from medgen_rt.kernels import triton_unavailable_reason
+from medgen_rt.ops import _native
+from medgen_rt.ops.registry import Backend, register_op
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,10 +92,17 @@ def vq_nearest_reference(z: torch.Tensor, codebook: torch.Tensor, chunk_elements
     return indices, quantized
 
 
-# ---- native backend (csrc/cpu/vq_nearest.cpp, csrc/cuda/vq_nearest.cu) -------------------
+def _op_args(z, codebook, chunk_elements=None) -> tuple:
+    # chunk_elements bounds the reference's distance blocks; the kernels keep one
+    # distance per (row, codebook lane) alive, so there is nothing to bound.
+    return z.detach(), codebook.detach()
 
-from medgen_rt.ops import _native  # noqa: E402
-from medgen_rt.ops.registry import Backend as _NativeBackend  # noqa: E402
+
+def _fake(z, codebook, backend):
+    return z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape)
+
+
+# ---- native backend (csrc/cpu/vq_nearest.cpp, csrc/cuda/vq_nearest.cu) -------------------
 
 _NATIVE_CUDA_MAX_D = 256  # csrc/cuda/vq_nearest.cu keeps a row of z in a per-thread array
 
@@ -103,45 +115,35 @@ def _native_supports(z, codebook, chunk_elements=None):
     return None
 
 
-@torch.no_grad()
-def vq_nearest_native(z, codebook, chunk_elements=None):
-    # chunk_elements bounds the reference's distance blocks; the kernels keep one
-    # distance per (row, codebook lane) alive, so there is nothing to bound.
-    cb = codebook.detach().float()
+def vq_nearest_native(z, codebook):
+    cb = codebook.float()
     # |c|^2 by the reference's own expression, so the distances agree bit for bit.
     cb_sq = (cb * cb).sum(dim=1).contiguous()
     cb_t = cb.t().contiguous()  # (D, K): consecutive codebook entries of one dimension are adjacent
     indices = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
     d = _native.describe
-    _native.native_module().vq_nearest(d(z.detach()), d(cb_t), d(cb_sq), d(indices), _native.stream_handle(z))
-    quantized = codebook.detach()[indices].to(z.dtype)
-    return indices, quantized
+    _native.native_module().vq_nearest(d(z), d(cb_t), d(cb_sq), d(indices), _native.stream_handle(z))
+    return indices, codebook[indices].to(z.dtype)
 
 
 # ---- triton backend (kernels/vq_nearest.py) ------------------------------------------
 
-from medgen_rt.ops.registry import Backend  # noqa: E402
-
-
-def _triton_unavailable(device_type: str):
-    from medgen_rt.kernels import triton_unavailable_reason
-
-    return triton_unavailable_reason(device_type)
-
-
-def vq_nearest_triton(z, codebook, chunk_elements=None):
+def vq_nearest_triton(z, codebook):
     from medgen_rt.kernels.vq_nearest import vq_nearest as kernel
 
-    # chunk_elements bounds the reference's distance blocks; the kernel keeps its tiles in registers.
+    # The kernel keeps its tiles in registers: no chunking to bound.
     return kernel(z, codebook)
 
 
-vq_nearest = register_op("vq_nearest", vq_nearest_reference, check_args=check_args)
-vq_nearest.register(_NativeBackend(
+# ---- registration ---------------------------------------------------------------------
+
+vq_nearest = register_op("vq_nearest", vq_nearest_reference, check_args=check_args, differentiable=False)
+vq_nearest.register(Backend(
     name="native", fn=vq_nearest_native, devices=frozenset({"cpu", "cuda"}),
     default_on=frozenset({"cpu", "cuda"}), priority=1,
     is_available=_native.unavailable_reason, supports=_native_supports))
 vq_nearest.register(Backend(
     name="triton", fn=vq_nearest_triton, devices=frozenset({"cpu", "cuda"}),
     # On the CPU Triton only runs in its (slow) interpreter: never an automatic choice there.
-    default_on=frozenset({"cuda"}), priority=2, is_available=_triton_unavailable))
+    default_on=frozenset({"cuda"}), priority=2, is_available=triton_unavailable_reason))
+vq_nearest.define_torch_op("(Tensor z, Tensor codebook, str backend) -> (Tensor, Tensor)", _op_args, fake=_fake)
