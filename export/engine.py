@@ -25,6 +25,7 @@ import numpy as np
 from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
 from medgen_rt.runtime.energy import EnergyMeter
 from medgen_rt.runtime.tiling import plan_tiles
+from medgen_rt.io.dicom import parse_format
 from medgen_rt.io.outputs import OutputFolder
 from medgen_rt.sampling.summary import (VolumeWriter, check_guidance, check_request, image_to_volume, memory_key,
                                         portable_path)
@@ -288,13 +289,15 @@ class OnnxEngine:
     def sample(self, n: int = 1, seed: int = 0, steps: Optional[int] = None, sampler: Optional[str] = None,
                guidance: Optional[float] = None, masks=None, out=None, eta: float = 0.0, energy: bool = True,
                country: Optional[str] = None, quiet: bool = True, noise: Optional[np.ndarray] = None,
-               core: Optional[Sequence[int]] = None, quantize: bool = True, overwrite: bool = False) -> list:
+               core: Optional[Sequence[int]] = None, quantize: bool = True, overwrite: bool = False,
+               format: str = "nifti") -> list:
         """Like medgen_rt.sample; noise (n, *latent) replaces the seeded initial noise
         (to compare with the torch runtime on the same start)."""
+        formats = parse_format(format, "format")
         if out is not None and not isinstance(out, OutputFolder):
             # a path: this call owns the folder and its lock until it returns
-            params = {k: v for k, v in locals().items() if k != "self"}
-            with OutputFolder(out, overwrite=overwrite) as folder:
+            params = {k: v for k, v in locals().items() if k not in ("self", "formats")}
+            with OutputFolder(out, overwrite=overwrite, formats=formats) as folder:
                 return self.sample(**{**params, "out": folder})
         m = self.manifest
         check_request(n, seed, steps, guidance, eta)

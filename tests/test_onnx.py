@@ -198,7 +198,7 @@ sys.exit(code)
 def test_engine_runs_without_torch(exported, tmp_path):
     out = tmp_path / "samples"
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "sample", "--engine", "onnx", "--model", str(exported),
-                           "--steps", "3", "--out", str(out), "--quiet"],
+                           "--steps", "3", "--out", str(out), "--quiet", "--format", "nifti+dicom"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     import nibabel as nib
@@ -208,6 +208,14 @@ def test_engine_runs_without_torch(exported, tmp_path):
     side = json.loads((out / "sample_000.json").read_text())
     assert side["engine"] == "onnx" and side["energy"]["run_kwh"] > 0
     assert json.loads((out / "summary.json").read_text())["n"] == 1
+    # the training data's frame duration travels in the manifest to the header, the sidecar and
+    # SimpleITK's reading (tests/test_frame_duration.py: the torch runtime), and DICOM is written without torch
+    frame = read_manifest(exported)["geometry"]["frame_duration"]
+    assert frame == json.loads((resolve_model("default")[0] / "model.json").read_text())["geometry"]["frame_duration"]
+    assert float(img.header["pixdim"][4]) == pytest.approx(frame) and side["frame_duration_s"] == frame
+    sitk = pytest.importorskip("SimpleITK")
+    assert sitk.ReadImage(str(out / "sample_000.nii.gz")).GetSpacing()[3] == pytest.approx(frame)
+    assert len(list((out / "sample_000_dicom").glob("MR_*.dcm"))) == 8 * 16
 
 
 def test_bad_exports_fail_clearly(exported, tmp_path):

@@ -42,6 +42,7 @@ def test_cine_outputs(tmp_path):
     img = nib.load(str(paths["image"]))
     assert img.shape == (32, 32, 4, 10) and img.get_data_dtype() == np.float32
     assert float(img.header["pixdim"][4]) == pytest.approx(ph.frame_duration, rel=1e-6)
+    assert json.loads(paths["sidecar"].read_text())["frame_duration_s"] == pytest.approx(ph.frame_duration)
     montage = Image.open(paths["preview"])
     assert montage.height == 4 * (96 + 2)  # one row per slice
     gif = Image.open(paths["animation"])

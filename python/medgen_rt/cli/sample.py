@@ -1,4 +1,5 @@
-"""`medgen sample`: generate volumes as NIfTI + sidecar + previews, with their energy.
+"""`medgen sample`: generate volumes as NIfTI (and/or DICOM, --format) + sidecar + previews,
+with their energy.
 With no arguments it samples the embedded cine model into ./samples.
 
 Under torchrun (`torchrun --nproc-per-node N -m medgen_rt.sample ...`) each rank
@@ -29,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="samples",
                    help="output folder (default ./samples), locked for the run; each volume is written as soon "
                         "as it is decoded")
+    p.add_argument("--format", choices=["nifti", "dicom", "nifti+dicom"], default="nifti",
+                   help="what each volume is written as (default nifti): dicom writes NAME_dicom/ with the CT or MR "
+                        "series and the mask as DICOM SEG, marked synthetic (needs pydicom and highdicom)")
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds an earlier run's samples: remove them (sample_NNN.*, summary.json) first; "
                         "without it such a folder is refused")
@@ -87,9 +91,11 @@ def run(args) -> int:
 
 
 def _output_folder(args, **kwargs):
+    from medgen_rt.io.dicom import parse_format
     from medgen_rt.io.outputs import OutputFolder
 
-    return OutputFolder(args.out, overwrite=args.overwrite, arg="--out", overwrite_arg="--overwrite", **kwargs)
+    return OutputFolder(args.out, overwrite=args.overwrite, arg="--out", overwrite_arg="--overwrite",
+                        formats=parse_format(args.format), **kwargs)
 
 
 def _from_rank0(message):

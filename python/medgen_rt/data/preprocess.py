@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["HU_MIN", "HU_MAX", "ct_to_unit", "unit_to_ct", "minmax_to_unit", "cycle_frames", "frame_indices"]
+__all__ = ["HU_MIN", "HU_MAX", "ct_to_unit", "unit_to_ct", "minmax_to_unit", "cycle_frames", "frame_indices",
+           "sampled_frame_duration"]
 
 HU_MIN = -1000.0
 HU_MAX = 1000.0
@@ -62,6 +63,18 @@ def frame_indices(n_available: int, n_frames: int, start: int = 0) -> np.ndarray
     if t <= n:
         return (int(start) + k) % t
     return (int(start) + (k * t) // n) % t
+
+def sampled_frame_duration(frame_duration, n_available: int, n_frames: int):
+    """Seconds between the frames :func:`frame_indices` selects, on average (None when unknown).
+
+    T > n_frames: the n_frames frames span the whole cycle, so each stands for T / n_frames
+    source frames; T <= n_frames: consecutive source frames (repeated), the source duration.
+    This, not the file's pixdim[4], is the frame duration of what a model trained on them makes.
+    """
+    if frame_duration is None:
+        return None
+    t, n = int(n_available), int(n_frames)
+    return float(frame_duration) * (t / n if t > n else 1.0)
 
 
 def cycle_frames(vol4d, n_frames: int, start: int = 0) -> np.ndarray:

@@ -17,8 +17,10 @@ nothing can ride along with a screened volume.
   (a training patient's anatomy); otherwise written again as a label map;
 * previews: drawn again from the screened volume (a planted picture is never copied);
 * sidecar: written again with the keys that describe the sample (seed, sampler, steps,
-  guidance, timings, energy, ...); model folders reduced to their names; any other key,
-  and the conditioning mask's source path, dropped.
+  guidance, timings, energy, ...) and the gate's verdict; model folders reduced to their
+  names; any other key, and the conditioning mask's source path, dropped.
+* DICOM (formats with "dicom"): NAME_dicom/ written from the screened voxels and the shared
+  mask (medgen_rt.io.dicom), every object carrying the gate's verdict.
 
 A file that is a symbolic link, or lies in a folder reached through one, is never followed:
 an image behind a link leaves its whole volume out, a companion behind one is left out.
@@ -45,7 +47,7 @@ __all__ = ["check_out_dir", "redact", "gate", "MaskIndex", "safe_sidecar"]
 # Sidecar keys that describe how a sample was made and hold no local paths or patient data.
 SIDECAR_KEYS = ("kind", "preset", "seed", "index", "rank", "sampler", "steps", "eta", "guidance", "timings_s",
                 "peak_process_rss_gb", "peak_cuda_allocated_gb", "plan", "device", "engine", "energy", "modality",
-                "shape", "spacing_mm", "final")
+                "shape", "spacing_mm", "frame_duration_s", "frame_duration_note", "final")
 # Path-valued keys whose base name is the model's name.
 NAME_KEYS = ("model", "vae")
 # Report keys whose values are local folders or files.
@@ -76,11 +78,14 @@ def _paths_to_names(obj, every_path: bool):
     return obj
 
 
-def safe_sidecar(meta: dict, files: dict, mask_note: Optional[str] = None) -> dict:
+def safe_sidecar(meta: dict, files: dict, mask_note: Optional[str] = None, verdict: Optional[str] = None) -> dict:
     """The sidecar that leaves with a sample: SIDECAR_KEYS as they are (paths in them reduced
     to names), model folders as names, ``files`` as shared, ``mask`` the shared mask's name or
-    why it was withheld (never where it came from); every other key is dropped."""
+    why it was withheld (never where it came from), ``sharing.verdict`` the gate's verdict
+    (`medgen export dicom` records it); every other key is dropped."""
     out = {k: _paths_to_names(meta[k], True) for k in SIDECAR_KEYS if k in meta}
+    if verdict is not None:
+        out["sharing"] = {"verdict": verdict}
     for k in NAME_KEYS:
         if isinstance(meta.get(k), str):
             out[k] = _base_name(meta[k])
@@ -210,8 +215,10 @@ def _write_previews(dst_image: Path, array: np.ndarray, affine: np.ndarray, moda
     return written
 
 
-def _share_entry(synthetic_set, e, tmp: Path, real_masks: "MaskIndex", left_out: list) -> bool:
-    """Rebuild one screened volume's files under ``tmp``; False when the volume itself is not shared."""
+def _share_entry(synthetic_set, e, tmp: Path, real_masks: "MaskIndex", left_out: list,
+                 formats=frozenset({"nifti"}), verdict: Optional[str] = None) -> bool:
+    """Rebuild one screened volume's files under ``tmp`` (NIfTI and/or a DICOM folder, as
+    ``formats`` says); False when the volume itself is not shared."""
     from medgen_rt.io.nifti import NiftiError, read_volume, write_volume
     from medgen_rt.io.sidecar import write_json_atomic
 
@@ -234,10 +241,26 @@ def _share_entry(synthetic_set, e, tmp: Path, real_masks: "MaskIndex", left_out:
     image, modality = vol.array, synthetic_set.modality
     frame = vol.frame_duration if image.ndim == 4 else None
     dst = tmp / rel(e.image)
-    write_volume(dst, image, vol.affine, kind="ct" if modality == "ct" else "mr", frame_duration=frame)
-    files = {"image": dst.name}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if "nifti" in formats:
+        write_volume(dst, image, vol.affine, kind="ct" if modality == "ct" else "mr", frame_duration=frame)
+        files["image"] = dst.name
 
-    mask_note = None
+    meta = None
+    if e.sidecar is not None:
+        if _through_link(root, e.sidecar):
+            leave(e.sidecar, LINK)
+        else:
+            try:
+                meta = json.loads(e.sidecar.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                leave(e.sidecar, f"unreadable JSON ({exc})")
+            if meta is not None and not isinstance(meta, dict):
+                leave(e.sidecar, "not a JSON object")
+                meta = None
+
+    mask_note, seg_mask = None, None
     labels = [("mask", e.mask)] if e.mask is not None else []
     if e.acdc is not None:
         labels += [(f"labels_{k}", p) for k, p in e.acdc["gt"].items()]
@@ -256,8 +279,22 @@ def _share_entry(synthetic_set, e, tmp: Path, real_masks: "MaskIndex", left_out:
             leave(p, why)
             mask_note = "withheld: " + why
             continue
-        write_volume(tmp / rel(p), m, vol.affine, kind="label")
-        files[kind] = os.path.relpath(rel(p), rel(e.image).parent)  # as the sidecar beside the image sees it
+        if kind == "mask":
+            seg_mask = m  # the conditioning mask: the DICOM SEG of the image
+        if "nifti" in formats:
+            write_volume(tmp / rel(p), m, vol.affine, kind="label")
+            files[kind] = os.path.relpath(rel(p), rel(e.image).parent)  # as the sidecar beside the image sees it
+        elif kind != "mask":
+            leave(p, "ACDC frame labels are shared as NIfTI only (--format nifti or nifti+dicom)")
+
+    if "dicom" in formats:
+        from medgen_rt.io.atomic import split_suffix
+        from medgen_rt.io.dicom import dicom_folder_name, write_dicom
+
+        folder = dst.with_name(dicom_folder_name(split_suffix(dst.name)[0]))
+        write_dicom(folder, image, vol.affine, "ct" if modality == "ct" else ("cmr" if image.ndim == 4 else "mr"),
+                    safe_sidecar(meta or {}, {}), mask=seg_mask, frame_duration=frame, verdict=verdict)
+        files["dicom"] = folder.name
 
     if e.acdc is not None:  # only the frames and their count; no patient details (height, weight, group)
         cfg = tmp / rel(e.image).parent / "Info.cfg"
@@ -273,30 +310,28 @@ def _share_entry(synthetic_set, e, tmp: Path, real_masks: "MaskIndex", left_out:
     for kind, path in _write_previews(dst, image, vol.affine, modality, frame, kinds).items():
         files[kind] = Path(path).name
 
-    if e.sidecar is not None:
-        meta = None
-        if _through_link(root, e.sidecar):
-            leave(e.sidecar, LINK)
-        else:
-            try:
-                meta = json.loads(e.sidecar.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                leave(e.sidecar, f"unreadable JSON ({exc})")
-            if meta is not None and not isinstance(meta, dict):
-                leave(e.sidecar, "not a JSON object")
-                meta = None
-        if meta is not None:
-            write_json_atomic(tmp / rel(e.sidecar), safe_sidecar(meta, files, mask_note))
+    if meta is not None:
+        write_json_atomic(tmp / rel(e.sidecar), safe_sidecar(meta, files, mask_note, verdict))
     return True
 
 
+def _verdict(report: dict, name: str, forced: bool) -> str:
+    """What the gate found for one shared volume, in words (recorded in its sidecar and DICOM objects)."""
+    entry = next((s for s in report.get("synthetic", []) if s.get("name") == name), {})
+    r, thr = entry.get("r"), report.get("threshold")
+    found = f" (nearest training volume r = {r:.4f}, threshold {thr:.4f})" if r is not None and thr is not None else ""
+    return (f"shared by medgen share: not a copy of a training volume{found}"
+            + ("; the gate was forced (--force) over the copy-share limit" if forced else ""))
+
+
 def gate(report: dict, synthetic_set, out, max_copy_share: float = 0.0, force: bool = False,
-         write=None, real_masks=()) -> dict:
+         write=None, real_masks=(), formats=frozenset({"nifti"})) -> dict:
     """Share the non-copies of ``synthetic_set`` into ``out`` given a screening ``report``.
 
     write(folder, sharing_info): writes the shared report into ``folder``.
     real_masks: a MaskIndex, or the real EvalSets (training, validation) whose masks no
-    shared conditioning mask may equal.
+    shared conditioning mask may equal. formats: the shared volumes as "nifti" and/or "dicom"
+    (medgen_rt.io.dicom: the DICOM objects carry the gate's verdict).
     Returns the sharing info: decision ("shared" or "refused"), the limit, the names shared
     and withheld, and the files left out with the reason (``left_out``).
     """
@@ -322,7 +357,8 @@ def gate(report: dict, synthetic_set, out, max_copy_share: float = 0.0, force: b
     try:
         if not refused:
             for e in kept:
-                if _share_entry(synthetic_set, e, tmp, real_masks, info["left_out"]):
+                if _share_entry(synthetic_set, e, tmp, real_masks, info["left_out"], formats,
+                                _verdict(report, e.name, info["forced"])):
                     info["shared"].append(e.name)
         if write is not None:
             write(tmp, info)

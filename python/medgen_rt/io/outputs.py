@@ -5,9 +5,16 @@
     NAME.json         sidecar: model, seed, sampler, steps, guidance, timings, memory, energy, files
     NAME.png          preview (CT: orthogonal mid-slices; cine: slice x frame montage)
     NAME.gif          cine only: all slices over the cycle
+    NAME_dicom/       with the dicom format: the CT or MR series and the mask as DICOM SEG
+                      (medgen_rt.io.dicom), all marked synthetic
 
-numpy, nibabel and Pillow only, so the torch runtime and the ONNX engine write
-identical outputs. A sampling run's folder is an OutputFolder: locked for the run,
+formats: "nifti" (the default), "dicom" (no NIfTI files) or both ("nifti+dicom"; see
+io.dicom.parse_format). A cine's frame duration (seconds) goes into pixdim[4], the sidecar
+("frame_duration_s", null with a note when the model does not know it) and the DICOM
+Trigger Times.
+
+numpy, nibabel and Pillow (and pydicom/highdicom for DICOM) only, so the torch runtime
+and the ONNX engine write identical outputs. A sampling run's folder is an OutputFolder: locked for the run,
 cleared of the temporary files of killed runs, and never mixed with an earlier run's
 samples.
 """
@@ -29,11 +36,22 @@ from .preview import write_ct_preview, write_cine_gif, write_cine_montage
 from .sidecar import write_json_atomic
 
 MODALITIES = ("ct", "cmr")
+NIFTI_ONLY = frozenset({"nifti"})
 log = logging.getLogger(__name__)
 
 
+def frame_timing(frame_duration: Optional[float]) -> dict:
+    """The sidecar keys of a cine's frame duration: seconds, or null with why (never 0)."""
+    if frame_duration:
+        return {"frame_duration_s": float(frame_duration)}
+    return {"frame_duration_s": None,
+            "frame_duration_note": "unknown: the model does not record the frame duration of its training data "
+                                   "(trained before medgen_rt recorded it); NIfTI pixdim[4] is 0 (unknown)"}
+
+
 def write_generated(out_dir, name: str, volume: np.ndarray, affine: np.ndarray, modality: str, metadata: dict,
-                    mask: Optional[np.ndarray] = None, frame_duration: Optional[float] = None) -> dict:
+                    mask: Optional[np.ndarray] = None, frame_duration: Optional[float] = None,
+                    formats: frozenset = NIFTI_ONLY, verdict: Optional[str] = None) -> dict:
     """Writes a generated volume's files (see the module docstring); returns {kind: path}.
 
     volume: CT (X, Y, Z) in HU, or cine (X, Y, Z, T) float. The files are written into a
@@ -49,6 +67,9 @@ def write_generated(out_dir, name: str, volume: np.ndarray, affine: np.ndarray, 
         raise ValueError(f"{name}: a {modality} volume must be {want}-D, got shape {volume.shape}")
     if not np.all(np.isfinite(volume)):
         raise ValueError(f"{name}: the generated volume has non-finite values; nothing was written")
+    if not formats or not set(formats) <= {"nifti", "dicom"}:
+        raise ValueError(f"formats: expected nifti and/or dicom, got {sorted(formats)}")
+    frame_duration = frame_duration if modality == "cmr" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spacing = spacing_from_affine(affine)
@@ -58,11 +79,17 @@ def write_generated(out_dir, name: str, volume: np.ndarray, affine: np.ndarray, 
     moved: list = []
     try:
         stage.mkdir()
-        staged["image"] = write_volume(stage / f"{name}.nii.gz", volume, affine,
-                                       kind="ct" if modality == "ct" else "mr",
-                                       frame_duration=frame_duration if modality == "cmr" else None)
-        if mask is not None:
-            staged["mask"] = write_volume(stage / f"{name}_mask.nii.gz", mask, affine, kind="label")
+        if "nifti" in formats:
+            staged["image"] = write_volume(stage / f"{name}.nii.gz", volume, affine,
+                                           kind="ct" if modality == "ct" else "mr", frame_duration=frame_duration)
+            if mask is not None:
+                staged["mask"] = write_volume(stage / f"{name}_mask.nii.gz", mask, affine, kind="label")
+        if "dicom" in formats:
+            from .dicom import dicom_folder_name, write_dicom
+
+            # one folder, renamed into place like the files: its objects appear together
+            staged["dicom"] = write_dicom(stage / dicom_folder_name(name), volume, affine, modality, metadata,
+                                          mask=mask, frame_duration=frame_duration, verdict=verdict)
         if modality == "ct":
             staged["preview"] = write_ct_preview(stage / f"{name}.png", volume, affine)
         else:
@@ -70,6 +97,7 @@ def write_generated(out_dir, name: str, volume: np.ndarray, affine: np.ndarray, 
             staged["animation"] = write_cine_gif(stage / f"{name}.gif", volume, affine, frame_duration)
         sidecar = {**metadata, "modality": modality, "shape": list(volume.shape),
                    "spacing_mm": [round(s, 6) for s in spacing],
+                   **(frame_timing(frame_duration) if modality == "cmr" else {}),
                    "files": {k: Path(p).name for k, p in staged.items()}}
         staged["sidecar"] = write_json_atomic(stage / f"{name}.json", sidecar)
         for path in staged.values():  # the sidecar last (dicts keep their order)
@@ -77,16 +105,24 @@ def write_generated(out_dir, name: str, volume: np.ndarray, affine: np.ndarray, 
             moved.append(out / Path(path).name)
     except BaseException:
         for path in moved:
-            path.unlink(missing_ok=True)
+            _remove(path)
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {k: out / Path(v).name for k, v in staged.items()}
 
 
+def _remove(path: Path) -> None:
+    """A file, or a folder (NAME_dicom/), gone; a link is removed, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 # What a sampling run writes into its folder, and the hidden temporary names its writers use
 # (medgen_rt.io.atomic: .NAME.<pid>-<8 hex>.tmp[SUFFIX]; write_generated's staging folders).
-RUN_FILE = re.compile(r"sample_\d{3,}(?:_mask\.nii\.gz|\.nii\.gz|\.json|\.png|\.gif)|summary\.json")
+RUN_FILE = re.compile(r"sample_\d{3,}(?:_mask\.nii\.gz|\.nii\.gz|\.json|\.png|\.gif|_dicom)|summary\.json")
 RUN_TEMP = re.compile(r"\.(?:sample_\d{3,}(?:_mask)?|summary)\.\d+-[0-9a-f]{8}\.tmp(?:\..+)?")
 LOCK_NAME = ".medgen.lock"
 
@@ -107,8 +143,14 @@ class OutputFolder:
     """
 
     def __init__(self, path, *, overwrite: bool = False, arg: str = "out", overwrite_arg: str = "overwrite=True",
-                 lead: bool = True, share: Optional[Callable[[Optional[str]], Optional[str]]] = None):
+                 lead: bool = True, share: Optional[Callable[[Optional[str]], Optional[str]]] = None,
+                 formats: frozenset = NIFTI_ONLY):
         self.path = Path(path)
+        self.formats = frozenset(formats)  # what each volume is written as: nifti and/or dicom
+        if "dicom" in self.formats:
+            from .dicom import need_libraries
+
+            need_libraries()  # before any sampling
         self.overwrite = overwrite
         self.arg, self.overwrite_arg = arg, overwrite_arg
         self.lead, self.share = lead, share
@@ -165,7 +207,7 @@ class OutputFolder:
             raise ValueError(f"{where}: holds the outputs of an earlier sampling run ({shown}); pass "
                              f"{self.overwrite_arg} to replace them, or choose another {self.arg}")
         for name in earlier:
-            (self.path / name).unlink(missing_ok=True)
+            _remove(self.path / name)
         # under the lock no live run writes here: a temporary name is a killed run's
         for name in names:
             if RUN_TEMP.fullmatch(name):
@@ -217,4 +259,4 @@ class OutputFolder:
               frame_duration: Optional[float] = None) -> dict:
         self.open()
         return write_generated(self.path, name, volume, affine, modality, metadata, mask=mask,
-                               frame_duration=frame_duration)
+                               frame_duration=frame_duration, formats=self.formats)

@@ -157,7 +157,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
            energy: bool = True, country: Optional[str] = None, quiet: bool = True,
            indices: Optional[list] = None, quantize: bool = True, unconditional: bool = False,
-           overwrite: bool = False) -> list:
+           overwrite: bool = False, format: str = "nifti") -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
     volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
@@ -175,13 +175,17 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     out: a folder (or a medgen_rt.io.outputs.OutputFolder); each volume is written as soon as
     it is decoded. The folder is locked for the call; one that holds an earlier run's samples
     is refused unless overwrite=True, which removes them first (see OutputFolder).
+    format: what each volume is written as, "nifti", "dicom" or "nifti+dicom" (medgen_rt.io.dicom);
+    an OutputFolder given as `out` carries its own.
     """
+    from medgen_rt.io.dicom import parse_format
     from medgen_rt.io.outputs import OutputFolder
 
+    formats = parse_format(format, "format")
     if out is not None and not isinstance(out, OutputFolder):
         # a path: this call owns the folder and its lock until it returns
         params = {k: v for k, v in locals().items() if k in _SAMPLE_PARAMS}
-        with OutputFolder(out, overwrite=overwrite) as folder:
+        with OutputFolder(out, overwrite=overwrite, formats=formats) as folder:
             return sample(**{**params, "out": folder})
     from medgen_rt.models import load_model
     from medgen_rt.runtime.device import pick_device

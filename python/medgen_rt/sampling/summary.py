@@ -89,11 +89,17 @@ class VolumeWriter:
 
     def __init__(self, folder, meter, modality: str, geometry: dict):
         self.folder, self.meter, self.modality = folder, meter, modality
+        # seconds per frame of the cines the model was trained on (model.json or the export
+        # manifest: geometry.frame_duration); None for models trained before it was recorded
         self.frame = float(geometry.get("frame_duration") or 0) or None
         self.results: list = []
 
     def add(self, result: dict) -> dict:
         self.results.append(result)
+        if self.modality != "ct":  # cine: the training data's seconds per frame, or why it is unknown
+            from medgen_rt.io.outputs import frame_timing
+
+            result["metadata"].update(frame_timing(self.frame))
         result["metadata"]["energy"] = _energy_entry(self.meter.report(per=len(self.results)), final=False)
         if self.folder is not None:
             result["files"] = self.folder.write(f"sample_{result['metadata']['index']:03d}", result["volume"],

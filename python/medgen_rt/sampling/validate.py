@@ -132,6 +132,12 @@ def check_geometry(path, latent_shape: Sequence[int], embedding_dim: int, factor
                                         f"{list(factor)}), not to geometry.image_shape {list(image)}")
     if geometry.get("affine") is not None:
         check_affine(path, "geometry.affine", geometry["affine"])
+    # cine: seconds per frame of the training data (absent in runs made before it was recorded)
+    duration = geometry.get("frame_duration")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                 or not math.isfinite(duration) or duration <= 0):
+        _fail(path, "geometry.frame_duration",
+              f"expected a positive number of seconds, got {json.dumps(duration)[:80]}")
 
 
 def check_mask_labels(path, value) -> list:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medgen_rt.data.preprocess import sampled_frame_duration
 from medgen_rt.diffusion import latent_scale_factor
 from medgen_rt.io.atomic import check_out, temp_sibling
 from medgen_rt.train.latents import write_latent_set
@@ -43,7 +44,7 @@ def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quie
         from tqdm import tqdm
 
         bar = tqdm(total=len(dataset), desc="encode", unit="volume", dynamic_ncols=True)
-    latents, names, masks, geometry = [], [], [], None
+    latents, names, masks, geometry, durations = [], [], [], None, []
     with torch.no_grad():
         for i in range(len(dataset)):
             item = dataset[i]
@@ -61,12 +62,19 @@ def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quie
             masks.append(None if mask is None else torch.from_numpy(np.asarray(mask, dtype=np.uint8)))
             if geometry is None:
                 geometry = {"image_shape": list(image.shape), "affine": np.asarray(item["affine"]).tolist()}
+            if item.get("frame_duration") is not None:  # cine: the spacing of the frames the model sees
+                durations.append(sampled_frame_duration(item["frame_duration"], item["info"]["NbFrame"],
+                                                        len(item["frame_indices"])))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     if any(m is None for m in masks) and any(m is not None for m in masks):
         raise ValueError(f"--data {data}: some volumes have masks and some do not; all or none must")
+    if durations:
+        # the cines' heart rates differ: a generated cine gets their median (written to every
+        # output's NIfTI pixdim[4] and sidecar; medgen_rt.sampling.summary.VolumeWriter)
+        geometry["frame_duration"] = round(float(np.median(durations)), 6)
     scale = latent_scale_factor(latents)
     tmp = temp_sibling(out)  # NAME_MAX-safe; a killed run's leftover of the same name is replaced
     if tmp.exists():

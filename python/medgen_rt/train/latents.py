@@ -2,7 +2,9 @@
 without the autoencoder in memory.
 
     LATENTS/latents.json   vae run, modality, latent shape, scale factor (1/std),
-                           image geometry, items [{name, file, mask}]
+                           image geometry {image_shape, affine, and for cine
+                           frame_duration: the median seconds per model frame},
+                           items [{name, file, mask}]
     LATENTS/items/NAME.safetensors   "latent": (C, ...) float32, and "mask":
                            (K, ...) uint8 at image resolution when masks exist
 """
