@@ -22,3 +22,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory):
+    """Copy encoders the tests train are cached in a temporary folder, never in the user's
+    ~/.cache (evaluation.encoder.cache_dir reads MEDGEN_CACHE; subprocesses inherit it)."""
+    before = os.environ.get("MEDGEN_CACHE")
+    os.environ["MEDGEN_CACHE"] = str(tmp_path_factory.mktemp("medgen_cache"))
+    yield os.environ["MEDGEN_CACHE"]
+    if before is None:
+        os.environ.pop("MEDGEN_CACHE", None)
+    else:
+        os.environ["MEDGEN_CACHE"] = before

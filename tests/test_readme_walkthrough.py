@@ -27,7 +27,8 @@ MARKER = "<!-- walkthrough -->"
 # fast settings; a command keeps a smaller value of its own
 PHANTOM_SUBJECTS = 3      # cine: 2 to train + 1 held out (the last ~10%, at least one)
 SAMPLE_VOLUMES = 2
-TRAIN_FAST = {"--steps": "2", "--batch-size": "2", "--monitor-samples": "0"}
+TRAIN_FAST = {"--steps": "2", "--batch-size": "2"}
+DENOISER_FAST = {"--monitor-samples": "0"}  # `train vae` has no sample monitor
 SAMPLE_STEPS = "2"
 ENCODER_STEPS = "2"       # eval memorization / share / eval quality: NT-Xent steps of the copy-detection encoder
 
@@ -72,7 +73,8 @@ def fast(args: list) -> list:
         _cap(args, "--n", PHANTOM_SUBJECTS)
         _set(args, "--quiet")
     elif sub == "train":
-        for flag, value in TRAIN_FAST.items():
+        fast = {**TRAIN_FAST, **(DENOISER_FAST if args[2:3] != ["vae"] else {})}
+        for flag, value in fast.items():
             _set(args, flag, value)
         _set(args, "--no-energy")
         _set(args, "--quiet")

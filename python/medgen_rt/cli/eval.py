@@ -3,20 +3,29 @@ DESCRIPTION below: plain text, pointing to the README, which every clone has."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from medgen_rt.cli import positive_int as _positive_int
 
 __all__ = ["add_parser", "run"]
 
+# evaluation.encoder's EncoderConfig().steps and MAX_SIZE, repeated so that building the parser
+# does not import torch (tests/test_copy_screen.py checks they agree)
+DEFAULT_STEPS = 400
+MAX_SIZE = (32, 32, 16)
+
 DESCRIPTION = """\
 Evaluate synthetic volumes.
 
-  medgen eval memorization --train DIR --val DIR --synthetic DIR --out REPORT_DIR [--encoder PATH]
+  medgen eval memorization --train DIR --val DIR --synthetic DIR --out REPORT_DIR [--encoder PATH] [--calibrate]
   medgen eval quality --real DIR --synthetic DIR --out REPORT_DIR [--features encoder|medicalnet:PATH|...]
 
 A folder may be a `medgen sample` output, an images/ (+ masks/) folder or the ACDC layout.
 Each writes REPORT_DIR/report.json (every number) and report.html (one self-contained page).
+The copy-detection encoder is trained once per training set and settings and kept in
+$MEDGEN_CACHE/encoders (default ~/.cache/medgen_rt/encoders); `eval memorization`, `eval
+quality` and `share` reuse it, and an interrupted training resumes there.
 The README, section "Before sharing synthetic data", shows both in use.
 """
 
@@ -24,11 +33,14 @@ The README, section "Before sharing synthetic data", shows both in use.
 def add_common(p) -> None:
     """Options shared by `eval memorization`, `eval quality` and `share`."""
     p.add_argument("--encoder", type=Path, metavar="PATH",
-                   help="copy-detection encoder (.safetensors): loaded when the file exists, else trained and "
-                        "saved there")
-    p.add_argument("--steps", type=_positive_int, default=600, help="NT-Xent training steps (default 600)")
+                   help="copy-detection encoder (.safetensors): loaded when the file exists, else taken from the "
+                        "cache or trained, and saved there")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"most NT-Xent training steps (default {DEFAULT_STEPS}; training stops earlier when the loss "
+                        "levels off)")
     p.add_argument("--size", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
-                   help="encoder grid (default: the volumes' own, at most 64 64 32)")
+                   help="encoder grid (default: the volumes' own divided by a whole number, at most "
+                        f"{' '.join(map(str, MAX_SIZE))})")
     p.add_argument("--frames", type=_positive_int, default=8, help="cine frames used as encoder channels (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the encoder training (default 0)")
     p.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto",
@@ -52,6 +64,10 @@ def add_parser(subparsers) -> None:
     m.add_argument("--synthetic", type=Path, required=True, help="the generated volumes")
     m.add_argument("--out", type=Path, required=True, help="report folder")
     m.add_argument("--top-k", type=_positive_int, default=8, help="pairs shown as pictures (default 8)")
+    m.add_argument("--calibrate", action="store_true",
+                   help="also plant degraded copies of a few training volumes (noise, blur, intensity, shift, "
+                        "deformation; cine: temporal shift; several strengths) and report the recall per kind and "
+                        "strength and the false-positive rate among the validation volumes")
     add_common(m)
     q = sub.add_parser("quality", help="MS-SSIM diversity, FID/MMD, nearest-neighbour realism, slice and frame "
                                        "consistency, EF, mask Dice")
@@ -70,17 +86,28 @@ def encoder_config(args):
     """The EncoderConfig the options ask for."""
     from medgen_rt.evaluation.encoder import EncoderConfig
 
-    return EncoderConfig(steps=args.steps, size=tuple(args.size) if args.size else None, n_frames=args.frames,
-                         seed=args.seed)
+    cfg = EncoderConfig(size=tuple(args.size) if args.size else None, n_frames=args.frames, seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = args.steps
+        cfg.min_steps = min(cfg.min_steps, args.steps)
+    return cfg
 
 
-def get_encoder(args, device):
-    """(loaded CopyEncoder or None, path to save a trained one to or None)."""
-    from medgen_rt.evaluation.encoder import load_encoder
+def say(text: str) -> None:
+    """One line to stderr (the expected encoder training time, resuming): shown even with
+    --quiet, which only hides the progress bars."""
+    print(text, file=sys.stderr, flush=True)
 
-    if args.encoder is not None and args.encoder.exists():
-        return load_encoder(args.encoder, "--encoder", device), None
-    return None, args.encoder
+
+def keep_encoder(rep: dict, folder) -> None:
+    """Save the report's encoder to folder/encoder.safetensors (not when --encoder named a
+    file: it is there already), so a report folder holds the encoder that made it."""
+    from medgen_rt.evaluation.encoder import save_encoder
+
+    model = rep["_model"]
+    path = Path(folder) / "encoder.safetensors"
+    save_encoder(path, model, getattr(model, "meta", None))
+    rep["encoder"]["saved_to"] = str(path)
 
 
 def energy(args, synthetic_dir):
@@ -109,7 +136,6 @@ def check_outputs(args) -> None:
 
 def run_memorization(args) -> int:
     from medgen_rt.evaluation.datasets import open_set
-    from medgen_rt.evaluation.encoder import save_encoder
     from medgen_rt.evaluation.memorization import screen_sets
     from medgen_rt.evaluation.report import render_memorization, write_report
 
@@ -118,21 +144,31 @@ def run_memorization(args) -> int:
     train = open_set(args.train, "--train", args.modality)
     val = open_set(args.val, "--val", args.modality)
     syn = open_set(args.synthetic, "--synthetic", args.modality)
-    encoder, save_to = get_encoder(args, device)
-    rep = screen_sets(train, val, syn, encoder=encoder, cfg=encoder_config(args), quiet=args.quiet,
-                      device=device)
+    rep = screen_sets(train, val, syn, cfg=encoder_config(args), quiet=args.quiet, device=device,
+                      encoder_path=args.encoder, calibration=args.calibrate, log_fn=say)
     rep["energy"] = energy(args, args.synthetic)
     out = Path(args.out)
-    if rep["encoder"]["trained_here"]:
-        path = save_to or out / "encoder.safetensors"
-        save_encoder(path, rep["_model"])
-        rep["encoder"]["saved_to"] = str(path)
+    if args.encoder is None:
+        keep_encoder(rep, out)
     public, page, pictures = render_memorization(rep, {"train": train, "synthetic": syn}, args.top_k)
     write_report(out, public, page, pictures)
     print(f"copies: {rep['n_copies']} of {len(syn)} synthetic volumes ({100 * rep['copy_share']:.1f}%); memorized: "
           f"{rep['n_memorized']} of {len(train)} training volumes ({100 * rep['memorized_share']:.1f}%); "
-          f"threshold r = {rep['threshold']:.4f}; report: {out / 'report.html'}")
+          f"thresholds r = {rep['thresholds']['encoder']:.4f} (encoder), {rep['thresholds']['image']:.4f} (image); "
+          f"report: {out / 'report.html'}")
+    if "calibration" in rep:
+        print(calibration_text(rep["calibration"]))
     return 0
+
+
+def calibration_text(cal: dict) -> str:
+    """The --calibrate table as plain text."""
+    lines = [f"calibration: degraded copies of {cal['sources']} training volumes; recall per kind and strength"]
+    for r in cal["rows"]:
+        lines.append(f"  {r['degradation']:<40} recall {r['recall']:.2f} ({round(r['recall'] * r['n'])}/{r['n']})")
+    lines.append(f"  new subjects (validation volumes, leave-one-out) flagged: {cal['n_fresh_flagged']} of "
+                 f"{cal['n_fresh']} ({100 * cal['false_positive_rate']:.1f}%)")
+    return "\n".join(lines)
 
 
 def run_quality(args) -> int:
@@ -147,14 +183,14 @@ def run_quality(args) -> int:
     parse_features(args.features)  # a bad --features fails before any volume is read
     real = open_set(args.real, "--real", args.modality)
     syn = open_set(args.synthetic, "--synthetic", args.modality)
-    encoder, save_to = get_encoder(args, device) if args.features == "encoder" else (None, None)
-    rep = evaluate_quality(real, syn, features=args.features, encoder=encoder, cfg=encoder_config(args),
-                           max_pairs=args.max_pairs, lv_label=args.lv_label, quiet=args.quiet, device=device)
+    rep = evaluate_quality(real, syn, features=args.features, cfg=encoder_config(args), max_pairs=args.max_pairs,
+                           lv_label=args.lv_label, quiet=args.quiet, device=device, encoder_path=args.encoder,
+                           log_fn=say)
     rep["energy"] = energy(args, args.synthetic)
     out = Path(args.out)
-    if rep["_model"] is not None:
-        path = save_to or out / "encoder.safetensors"
-        save_encoder(path, rep["_model"])
+    if rep["_model"] is not None and args.encoder is None:
+        path = out / "encoder.safetensors"
+        save_encoder(path, rep["_model"], getattr(rep["_model"], "meta", None))
         rep["features"]["encoder_saved_to"] = str(path)
     public, page, pictures = render_quality(rep, syn.modality)
     write_report(out, public, page, pictures)

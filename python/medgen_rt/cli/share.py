@@ -1,9 +1,9 @@
 """medgen share: the sharing gate. Screens --synthetic for copies of --train volumes
 (the copy detection of `medgen eval memorization`), shares only the volumes that are not
-copies to --out and writes the report beside them. Each shared file is rebuilt from the
-screened volume: previews drawn again, sidecars without local paths; a conditioning mask
-equal to a --train or --val mask is withheld and symbolic links are never followed (the
-report lists what was left out and why).
+copies to --out (NIfTI and/or DICOM: --format) and writes the report beside them. Each
+shared file is rebuilt from the screened volume: previews drawn again, sidecars without
+local paths; a conditioning mask equal to a --train or --val mask is withheld and symbolic
+links are never followed (the report lists what was left out and why).
 
 When the share of copies is above --max-copy-share it refuses: --out then holds
 only the report, and the exit status is 3 (--force shares the non-copies anyway).
@@ -44,20 +44,29 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-copy-share", type=_share, default=0.0,
                    help="largest share of copies (0..1) that still lets the rest be shared (default 0.0)")
     p.add_argument("--force", action="store_true", help="share the non-copies even above --max-copy-share")
+    p.add_argument("--format", choices=["nifti", "dicom", "nifti+dicom"], default="nifti",
+                   help="what each shared volume is written as (default nifti): dicom writes NAME_dicom/ with the "
+                        "series and the mask as DICOM SEG, marked synthetic and carrying the gate's verdict")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="also write the full internal report (pictures of the closest training volumes) here")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="leave out the calibration table (recall of planted degraded copies of training volumes, "
+                        "false-positive rate; see `medgen eval memorization --calibrate`) from the reports")
     add_common(p)
 
 
 def run(args) -> int:
     from medgen_rt.evaluation.datasets import open_set
-    from medgen_rt.evaluation.encoder import save_encoder
     from medgen_rt.evaluation.memorization import screen_sets
     from medgen_rt.evaluation.report import public_report, render_memorization, render_shared, write_report
     from medgen_rt.evaluation.share import MaskIndex, check_out_dir, gate, redact
+    from medgen_rt.io.dicom import need_libraries, parse_format
 
-    from .eval import _device, encoder_config, energy, get_encoder
+    from .eval import _device, encoder_config, energy, keep_encoder, say
 
+    formats = parse_format(args.format)
+    if "dicom" in formats:
+        need_libraries()  # before the screening
     syn = open_set(args.synthetic, "--synthetic", args.modality)
     check_out_dir(args.out, syn.root)
     if args.report is not None:
@@ -70,14 +79,11 @@ def run(args) -> int:
     # the real masks no shared conditioning mask may equal; read now, so a broken one stops us before the screening
     real_masks = MaskIndex.for_sets(syn, [train, val])
     device = _device(args)
-    encoder, save_to = get_encoder(args, device)
-    rep = screen_sets(train, val, syn, encoder=encoder, cfg=encoder_config(args), quiet=args.quiet, device=device)
+    rep = screen_sets(train, val, syn, cfg=encoder_config(args), quiet=args.quiet, device=device,
+                      encoder_path=args.encoder, calibration=not args.no_calibrate, log_fn=say)
     rep["energy"] = energy(args, args.synthetic)
-    if rep["encoder"]["trained_here"] and (save_to or args.report):
-        # Never into --out: the encoder was trained on the patients' volumes.
-        path = save_to or Path(args.report) / "encoder.safetensors"
-        save_encoder(path, rep["_model"])
-        rep["encoder"]["saved_to"] = str(path)
+    if args.encoder is None and args.report:
+        keep_encoder(rep, args.report)  # never into --out: the encoder was trained on the patients' volumes
 
     def write(folder, info):
         shared = redact({**public_report(rep), "sharing": info})
@@ -90,7 +96,7 @@ def run(args) -> int:
             page.p("none")
         write_report(folder, shared, page)
 
-    info = gate(rep, syn, args.out, args.max_copy_share, args.force, write, real_masks=real_masks)
+    info = gate(rep, syn, args.out, args.max_copy_share, args.force, write, real_masks=real_masks, formats=formats)
     if args.report:
         public, page, pictures = render_memorization({**rep, "sharing": info}, {"train": train, "synthetic": syn})
         write_report(args.report, public, page, pictures)

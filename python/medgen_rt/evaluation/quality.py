@@ -76,8 +76,10 @@ def _ct_dice(item: dict, control) -> dict:
     return row
 
 
-def _features(real: EvalSet, synthetic: EvalSet, features: str, encoder, cfg, quiet: bool, device="cpu") -> tuple:
-    """(real features, synthetic features, description, trained CopyEncoder or None)."""
+def _features(real: EvalSet, synthetic: EvalSet, features: str, encoder, cfg, quiet: bool, device="cpu",
+              encoder_path=None, log_fn=None) -> tuple:
+    """(real features, synthetic features, description, the CopyEncoder obtained here
+    (cached or trained, :func:`.encoder.obtain_encoder`) or None)."""
     from . import encoder as enc
     from .features import PretrainedExtractor, parse_features
 
@@ -86,13 +88,18 @@ def _features(real: EvalSet, synthetic: EvalSet, features: str, encoder, cfg, qu
         trained = None
         if encoder is None:
             cfg = cfg or enc.EncoderConfig()
-            cfg.kind, cfg.modality = ("cine" if real.is_cine else "volume"), real.modality
             if len(real) < 2:
                 raise EvalInputError(f"--real: need at least 2 volumes to train the feature encoder, found {len(real)}")
-            inputs = enc.load_inputs(real, cfg, quiet, "read --real")
-            encoder = trained = enc.train_encoder(inputs, cfg, quiet=quiet, device=device)
-            fr = enc.embed_inputs(encoder, inputs, features=True)
-            desc = "copy-detection encoder, pooled stage features (NT-Xent, trained here on --real)"
+            encoder, info, inputs = enc.obtain_encoder(real, cfg, encoder_path, quiet=quiet, device=device, log=log_fn)
+            if info["source"] == "file":
+                trained = None
+                desc = "copy-detection encoder, pooled stage features (loaded from --encoder)"
+            else:
+                trained = encoder
+                desc = ("copy-detection encoder, pooled stage features (NT-Xent on --real, "
+                        + ("trained here)" if info["source"] == "trained" else "from the cache)"))
+            fr = (enc.embed_inputs(encoder, inputs, features=True) if inputs is not None
+                  else enc.embed_set(encoder, real, quiet=quiet, features=True))
         else:
             want = "cine" if real.is_cine else "volume"
             if encoder.cfg.kind != want or encoder.cfg.modality != real.modality:
@@ -123,17 +130,18 @@ def _compare(real_vals, syn_vals) -> dict:
 
 def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder", encoder=None, cfg=None,
                      max_pairs: int = 50, max_ms_ssim_volumes: int = 20, lv_label: int = 3, segmenter=None,
-                     quiet: bool = True, seed: int = 0, device="cpu") -> dict:
+                     quiet: bool = True, seed: int = 0, device="cpu", encoder_path=None, log_fn=None) -> dict:
     """All quality metrics of ``synthetic`` against ``real``; see the module docstrings.
 
     ``real`` needs at least 2 volumes (the realism figure's reference is each real volume's
     nearest other one).
 
     features: "encoder" (default), "medicalnet:PATH" or "radimagenet:PATH".
-    encoder: a loaded CopyEncoder to use instead of training one on ``real``.
+    encoder: a loaded CopyEncoder to use instead of training one on ``real``; else
+    encoder_path (loaded when present), the cache or a training (``.encoder.obtain_encoder``).
     segmenter: optional callable (image, affine) -> 4D label map for cine without labels.
     Returns the report dict; ``"_pictures"`` holds example volumes for the report and
-    ``"_model"`` the encoder trained here (or None).
+    ``"_model"`` the encoder obtained here, trained or cached (None when given or loaded).
     """
     check_compatible(real, synthetic)
     syn_shape = same_shape(synthetic)
@@ -163,7 +171,7 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
         + f", at most {max_ms_ssim_volumes} volumes and {max_pairs} pairs per set; volumes over 128 voxels along "
         "an axis are average-pooled by an integer factor first"}
 
-    fr, fs, desc, trained = _features(real, synthetic, features, encoder, cfg, quiet, device)
+    fr, fs, desc, trained = _features(real, synthetic, features, encoder, cfg, quiet, device, encoder_path, log_fn)
     fid_note = None
     if fs.shape[0] < fs.shape[1] or fr.shape[0] < fr.shape[1]:
         fid_note = (f"fewer volumes ({fr.shape[0]} real, {fs.shape[0]} synthetic) than feature dimensions "

@@ -20,7 +20,7 @@ from ..io.preview import to_ras
 from ..io.sidecar import to_jsonable, write_json_atomic
 
 __all__ = ["histogram", "volume_panel", "side_by_side", "data_uri", "save_png", "Html", "write_report",
-           "energy_section", "public_report", "render_memorization", "render_quality", "render_shared"]
+           "energy_section", "calibration_section", "public_report", "render_memorization", "render_quality", "render_shared"]
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
@@ -299,25 +299,24 @@ def render_memorization(report: dict, sets: dict, top_k: int = 8, pictures_of_tr
     page.p(f"{rep['n_copies']} of {len(rep['synthetic'])} synthetic volumes ({100 * rep['copy_share']:.1f}%) are "
            f"copies of a training volume; {rep['n_memorized']} of {len(rep['train'])} training volumes "
            f"({100 * rep['memorized_share']:.1f}%) are memorised.", verdict)
-    page.kv([("threshold (Pearson r)", rep["threshold"]), ("rule", rep["threshold_rule"]),
-             ("method", rep["method"])] + [(f"--{k} folder", f"{v['folder']} ({v['n']} volumes, {v['layout']} "
-                                            f"layout, {v['modality'].upper()}{', cine' if v['cine'] else ''})")
-                                           for k, v in rep["sets"].items()])
+    page.kv(_threshold_rows(rep) + [(f"--{k} folder", f"{v['folder']} ({v['n']} volumes, {v['layout']} "
+                                     f"layout, {v['modality'].upper()}{', cine' if v['cine'] else ''})")
+                                    for k, v in rep["sets"].items()])
     for note in rep.get("notes", []):
         page.p("Note: " + note)
-    tv = [t["r_val"] for t in rep["train"]]
-    st = [s["r"] for s in rep["synthetic"]]
-    ts = [t["r"] for t in rep["train"]]
     pictures = {}
-    hist = histogram({"training -> nearest validation": tv, "synthetic -> nearest training": st,
-                      "training -> nearest synthetic": ts}, "Pearson r of nearest neighbours",
-                     "Pearson r (log scale of 1 - r)", vline=rep["threshold"],
-                     vlabel=f"threshold {rep['threshold']:.4f}", correlation=True)
     page.h2("Distributions")
-    page.image(hist, "Nearest-neighbour correlations; the threshold is the 95th percentile of the training -> "
-                     "validation ones")
-    pictures["correlations.png"] = hist
-    order = sorted(range(len(rep["synthetic"])), key=lambda i: -rep["synthetic"][i]["r"])
+    for sig, key, name in (("encoder", "r", "correlations.png"), ("image", "r_image", "correlations_image.png")):
+        thr = rep["thresholds"][sig]
+        hist = histogram({"training -> nearest validation": [t["r_val" + key[1:]] for t in rep["train"]],
+                          "synthetic -> nearest training": [s[key] for s in rep["synthetic"]],
+                          "training -> nearest synthetic": [t[key] for t in rep["train"]]},
+                         f"{sig} signal: Pearson r of nearest neighbours", "Pearson r (log scale of 1 - r)", vline=thr,
+                         vlabel=f"threshold {thr:.4f}", correlation=True)
+        page.image(hist, f"Nearest-neighbour correlations of the {sig} signal and its threshold")
+        pictures[name] = hist
+    calibration_section(page, rep.get("calibration"))
+    order = sorted(range(len(rep["synthetic"])), key=lambda i: -rep["synthetic"][i]["score"])
     page.h2(f"Closest pairs (top {min(top_k, len(order))} synthetic volumes by correlation)")
     if pictures_of_training:
         train_index = {n: i for i, n in enumerate(sets["train"].names)}
@@ -328,36 +327,61 @@ def render_memorization(report: dict, sets: dict, top_k: int = 8, pictures_of_tr
             mod = sets["synthetic"].modality
             img = side_by_side(volume_panel(syn["image"], syn["affine"], mod),
                                volume_panel(tr["image"], tr["affine"], mod),
-                               f"{s['name']} vs {s['nearest_train']}: r = {s['r']:.4f}"
+                               f"{s['name']} vs {s['nearest_train']}: r = {s['r']:.4f}, image r = {s['r_image']:.4f}"
                                + ("  COPY" if s["is_copy"] else ""),
                                ("synthetic " + s["name"], "training " + s["nearest_train"]))
             name = f"pairs/{rank + 1:02d}_{s['name']}__{s['nearest_train']}.png"
             pictures[name] = img
             s["picture"] = name
-            page.image(img, f"{s['name']} (synthetic) next to {s['nearest_train']} (training), r = {s['r']:.4f}")
+            page.image(img, f"{s['name']} (synthetic) next to {s['nearest_train']} (training), r = {s['r']:.4f}, "
+                            f"image r = {s['r_image']:.4f}")
     else:
         page.p("Pictures of the pairs are left out of this report: they would show training (patient) volumes. "
                "Run `medgen eval memorization` for the full report.")
     page.h2("Synthetic volumes")
-    page.table(["synthetic", "nearest training", "r", "copy"],
-               [(rep["synthetic"][i]["name"], rep["synthetic"][i]["nearest_train"], rep["synthetic"][i]["r"],
-                 rep["synthetic"][i]["is_copy"]) for i in order],
+    page.table(["synthetic", "nearest training", "r (encoder)", "r (image)", "flagged by", "copy"],
+               [(s["name"], s["nearest_train"], s["r"], s["r_image"], ", ".join(s["flagged_by"]) or "-", s["is_copy"])
+                for s in (rep["synthetic"][i] for i in order)],
                highlight=[rep["synthetic"][i]["is_copy"] for i in order])
     page.h2("Training volumes")
-    t_order = sorted(range(len(rep["train"])), key=lambda i: -rep["train"][i]["r"])
-    page.table(["training", "nearest synthetic", "r", "memorised", "nearest validation", "r (validation)"],
-               [(rep["train"][i]["name"], rep["train"][i]["nearest_synthetic"], rep["train"][i]["r"],
-                 rep["train"][i]["is_memorized"], rep["train"][i]["nearest_val"], rep["train"][i]["r_val"])
-                for i in t_order], highlight=[rep["train"][i]["is_memorized"] for i in t_order])
+    t_order = sorted(range(len(rep["train"])), key=lambda i: -rep["train"][i]["score"])
+    page.table(["training", "nearest synthetic", "r (encoder)", "r (image)", "memorised", "nearest validation",
+                "r (validation, encoder)", "r (validation, image)"],
+               [(t["name"], t["nearest_synthetic"], t["r"], t["r_image"], t["is_memorized"], t["nearest_val"],
+                 t["r_val"], t["r_val_image"]) for t in (rep["train"][i] for i in t_order)],
+               highlight=[rep["train"][i]["is_memorized"] for i in t_order])
     page.h2("Encoder")
     enc = rep["encoder"]
     hist_ = enc["config"].get("history") or {}
-    page.kv([("trained here", enc["trained_here"]), ("input", enc["representation"]),
+    page.kv([("obtained", {"trained": "trained here", "cache": "from the cache (trained earlier on this data with "
+                           "these settings)", "file": "loaded from --encoder", "given": "given"}.get(enc["source"])),
+             ("seconds to obtain", enc.get("seconds")), ("input", enc["representation"]),
              ("architecture", enc["architecture"]), ("loss", enc["loss"]), ("positive pairs", enc["positives"]),
-             ("training steps", hist_.get("steps")), ("loss first -> last",
-                                                       f"{hist_.get('loss_first')} -> {hist_.get('loss_last')}")])
+             ("training steps", f"{hist_.get('steps')} ({hist_.get('stopped', 'steps')})"),
+             ("loss first -> last", f"{hist_.get('loss_first')} -> {hist_.get('loss_last')}")])
     energy_section(page, rep.get("energy"))
     return rep, page, pictures
+
+
+def _threshold_rows(rep: dict) -> list:
+    return [("threshold, encoder signal (Pearson r)", rep["thresholds"]["encoder"]),
+            ("threshold, image signal (Pearson r)", rep["thresholds"]["image"]), ("rule", rep["threshold_rule"]),
+            ("method", rep["method"]), ("encoder signal", rep["signals"]["encoder"]),
+            ("image signal", rep["signals"]["image"])]
+
+
+def calibration_section(page: Html, cal: Optional[dict]) -> None:
+    """The --calibrate table: recall of planted degraded copies per kind and strength, and the
+    false-positive rate among new subjects (no names: it goes into the shared report too)."""
+    if not cal:
+        return
+    page.h2("What this screen can see (calibration)")
+    page.p(f"Degraded copies of {cal['sources']} training volumes, every kind at every strength, screened like "
+           f"synthetic volumes. Recall: {cal['recall_rule']}. New subjects: {cal['fresh_rule']}: "
+           f"{cal['n_fresh_flagged']} of {cal['n_fresh']} flagged ({100 * cal['false_positive_rate']:.1f}%).")
+    page.table(["degradation", "copies", "recall", "matched", "lowest r (encoder)"],
+               [(r["degradation"], r["n"], r["recall"], r["matched"], r["min_r"])
+                for r in cal["rows"]], highlight=[r["recall"] < 0.9 for r in cal["rows"]])
 
 
 def render_quality(report: dict, modality: str) -> tuple:
@@ -488,17 +512,20 @@ def render_shared(shared: dict, info: dict) -> Html:
            f"({100 * shared['copy_share']:.1f}%) are copies of a training volume (limit "
            f"{100 * info['max_copy_share']:.1f}%); {shared['n_memorized']} training volumes "
            f"({100 * shared['memorized_share']:.1f}%) are memorised.", cls)
-    page.kv([("threshold (Pearson r)", shared["threshold"]), ("rule", shared["threshold_rule"]),
-             ("method", shared["method"]), ("forced", info["forced"]), ("shared volumes", len(info["shared"])),
-             ("withheld (copies)", ", ".join(info["withheld"]) or "none")])
-    page.image(histogram({"synthetic -> nearest training": [s["r"] for s in shared["synthetic"]]},
-                         "Pearson r of each synthetic volume with its nearest training volume",
-                         "Pearson r (log scale of 1 - r)", vline=shared["threshold"],
-                         vlabel=f"threshold {shared['threshold']:.4f}", correlation=True),
-               "Correlation with the nearest training volume")
-    page.table(["synthetic", "r to nearest training volume", "copy (withheld)"],
-               [(s["name"], s["r"], s["is_copy"]) for s in shared["synthetic"]],
+    page.kv(_threshold_rows(shared) + [("forced", info["forced"]), ("shared volumes", len(info["shared"])),
+                                       ("withheld (copies)", ", ".join(info["withheld"]) or "none")])
+    for sig, key in (("encoder", "r"), ("image", "r_image")):
+        thr = shared["thresholds"][sig]
+        page.image(histogram({"synthetic -> nearest training": [s[key] for s in shared["synthetic"]]},
+                             f"{sig} signal: Pearson r of each synthetic volume with its nearest training volume",
+                             "Pearson r (log scale of 1 - r)", vline=thr, vlabel=f"threshold {thr:.4f}",
+                             correlation=True),
+                   f"Correlation with the nearest training volume, {sig} signal")
+    page.table(["synthetic", "r (encoder)", "r (image)", "flagged by", "copy (withheld)"],
+               [(s["name"], s["r"], s["r_image"], ", ".join(s["flagged_by"]) or "-", s["is_copy"])
+                for s in shared["synthetic"]],
                highlight=[s["is_copy"] for s in shared["synthetic"]])
+    calibration_section(page, shared.get("calibration"))
     page.p(shared["redacted"])
     energy_section(page, shared.get("energy"))
     return page
