@@ -20,7 +20,7 @@ import torch
 from medgen_rt.train.checkpoint import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1] / "python" / "medgen_rt" / "default_models"
-RECORDS = ("config.yaml", "metrics.csv", "energy.json", "quality.png")
+RECORDS = ("config.yaml", "config_resume.yaml", "metrics.csv", "energy.json", "quality.png")
 
 
 def half(tensors: dict) -> dict:
@@ -49,12 +49,19 @@ def main(argv=None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--weights", choices=["ema", "weights"], default="ema",
                    help="which of the denoiser's weights to ship (default: EMA)")
+    p.add_argument("--frame-duration", type=float, metavar="SECONDS",
+                   help="cine: geometry.frame_duration for a run whose latents were encoded before `medgen "
+                        "encode` recorded it")
     a = p.parse_args(argv)
     dest = ROOT / a.name
     if dest.exists():
         shutil.rmtree(dest)
     kind = json.loads((a.denoiser / "model.json").read_text())["kind"]
-    package(a.denoiser, dest / kind, f"{a.weights}.safetensors", {"vae_run": "../vae"})
+    update = {"vae_run": "../vae"}
+    if a.frame_duration is not None:
+        geometry = json.loads((a.denoiser / "model.json").read_text())["geometry"]
+        update["geometry"] = {**geometry, "frame_duration": a.frame_duration}
+    package(a.denoiser, dest / kind, f"{a.weights}.safetensors", update)
     package(a.vae, dest / "vae", "weights.safetensors", {})
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"{dest}: {size / 2**20:.1f} MB")
