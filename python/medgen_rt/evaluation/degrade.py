@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["KINDS", "STRENGTHS", "MUST_SHOW", "describe", "kinds_for", "degrade", "gaussian_blur"]
+__all__ = ["KINDS", "STRENGTHS", "MUST_SHOW", "describe", "kinds_for", "degrade", "gaussian_blur", "band_pass_in_plane"]
 
 KINDS = ("noise", "smooth", "intensity", "shift", "deform", "temporal")
 # The strengths --calibrate plants; the middle one of each is the issue #14 target (MUST_SHOW).
@@ -69,6 +69,13 @@ def gaussian_blur(t: torch.Tensor, sigmas) -> torch.Tensor:
         t = torch.nn.functional.pad(t, pad, mode="replicate")
         t = torch.nn.functional.conv3d(t, k.view(1, 1, *shape).expand(c, 1, *shape).contiguous(), groups=c)
     return t
+
+
+def band_pass_in_plane(t: torch.Tensor, sigmas) -> torch.Tensor:
+    """t (N, C, X, Y, Z) through the in-plane (X, Y) difference of Gaussians of sigmas = (fine,
+    coarse) voxels: the edges of structures, without the layout or voxel noise."""
+    fine, coarse = sigmas
+    return gaussian_blur(t, (fine, fine, 0)) - gaussian_blur(t, (coarse, coarse, 0))
 
 
 def _as_batch(a: np.ndarray) -> torch.Tensor:

@@ -194,12 +194,10 @@ def screen_signals(train: dict, val: dict, synthetic: dict, percentile: float = 
 def image_rows(inputs: torch.Tensor) -> np.ndarray:
     """The image signal's rows (before centring) of encoder inputs (N, C, X, Y, Z): every
     channel's slices through the in-plane difference of Gaussians IMAGE_BAND_SIGMAS."""
-    from .degrade import gaussian_blur
+    from .degrade import band_pass_in_plane
 
     n = int(inputs.shape[0])
-    x = inputs.reshape(-1, 1, *inputs.shape[2:]).float()
-    fine, coarse = IMAGE_BAND_SIGMAS
-    x = gaussian_blur(x, (fine, fine, 0)) - gaussian_blur(x, (coarse, coarse, 0))
+    x = band_pass_in_plane(inputs.reshape(-1, 1, *inputs.shape[2:]).float(), IMAGE_BAND_SIGMAS)
     return x.reshape(n, -1).double().numpy()
 
 

@@ -425,23 +425,6 @@ def realism_grid(shape: Sequence[int], max_side: int = 64) -> tuple:
 REALISM_BAND_SIGMAS = (0.5, 1.5)
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    r = int(math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return k / k.sum()
-
-
-def _blur_in_plane(t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, 1, X, Y, Z): separable Gaussian along X and Y, edges replicated."""
-    k = _gaussian_kernel(sigma)
-    r = (len(k) - 1) // 2
-    t = torch.nn.functional.conv3d(torch.nn.functional.pad(t, (0, 0, 0, 0, r, r), mode="replicate"),
-                                   k.view(1, 1, -1, 1, 1))
-    return torch.nn.functional.conv3d(torch.nn.functional.pad(t, (0, 0, r, r, 0, 0), mode="replicate"),
-                                      k.view(1, 1, 1, -1, 1))
-
-
 def realism_row(vol01: np.ndarray, grid: Sequence[int], band_pass: bool = True) -> np.ndarray:
     """A volume in [0, 1] on ``grid`` as one float32 row: area averaging when shrinking
     (point samples of a 512^3 CT would alias), trilinear otherwise; a cine with another
@@ -462,6 +445,7 @@ def realism_row(vol01: np.ndarray, grid: Sequence[int], band_pass: bool = True) 
         t = torch.nn.functional.interpolate(t, size=size, mode="area" if shrink else "trilinear",
                                             **({} if shrink else {"align_corners": False}))
     if band_pass:
-        fine, coarse = REALISM_BAND_SIGMAS
-        t = _blur_in_plane(t, fine) - _blur_in_plane(t, coarse)
+        from .degrade import band_pass_in_plane
+
+        t = band_pass_in_plane(t, REALISM_BAND_SIGMAS)
     return t.reshape(-1).numpy()
