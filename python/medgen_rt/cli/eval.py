@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
                         "deformation; cine: temporal shift; several strengths) and report the recall per kind and "
                         "strength and the false-positive rate among the validation volumes")
     add_common(m)
-    q = sub.add_parser("quality", help="MS-SSIM diversity, FID/MMD, nearest-neighbour realism, slice and frame "
+    q = sub.add_parser("quality", help="MS-SSIM diversity, FID/MMD, nearest-neighbour and local realism, slice and frame "
                                        "consistency, EF, mask Dice")
     q.add_argument("--real", type=Path, required=True, help="real volumes (the reference; at least 2)")
     q.add_argument("--synthetic", type=Path, required=True, help="the generated volumes")
@@ -200,6 +200,7 @@ def run_quality(args) -> int:
         f"{g} {_num(d.get('mean'))}/{_num(rep['mask_adherence']['synthetic']['swapped_map'][g].get('mean'))}"
         for g, d in ma.items())
     print(f"FID {rep['fid']['value']:.4g}, MMD^2 {rep['mmd']['mmd2']:.4g}, realism {_num(rep['realism']['ratio'])}, "
+          f"local realism {_num(rep['local_realism']['ratio'])}, "
           f"MS-SSIM diversity {_num(div)}{dice}; report: {out / 'report.html'}")
     return 0
 

@@ -398,6 +398,10 @@ def render_quality(report: dict, modality: str) -> tuple:
     if rl:
         rows.append(("realism (nearest-neighbour r, synthetic median / real median)",
                      f"{_cell(rl['ratio'])} ({_cell(rl['synthetic_median'])} / {_cell(rl['real_median'])})"))
+    lr = rep.get("local_realism")
+    if lr:
+        rows.append(("local realism (best-matching real patch r, atanh of synthetic median / real median)",
+                     f"{_cell(lr['ratio'])} ({_cell(lr['synthetic_median'])} / {_cell(lr['real_median'])})"))
     ma = rep["mask_adherence"]
     if "own_map" in (ma.get("synthetic") or {}):
         for g, d in ma["synthetic"]["own_map"].items():
@@ -418,6 +422,9 @@ def render_quality(report: dict, modality: str) -> tuple:
     if rl:
         page.p("Realism: " + rl["reading"] + " Definition: " + rl["definition"] + "; computed on "
                + rl["representation"] + f" (grid {' x '.join(str(v) for v in rl['grid'])}).")
+    if lr:
+        page.p("Local realism: " + lr["reading"] + " Definition: " + lr["definition"] + "; computed on "
+               + lr["representation"] + ".")
     pictures = {}
 
     def add(name, img, caption):
@@ -459,6 +466,12 @@ def render_quality(report: dict, modality: str) -> tuple:
                                       "synthetic -> nearest real": [v["r"] for v in rl["synthetic"]]},
                                      "Pearson r with the nearest real volume", "Pearson r"),
             f"Nearest-neighbour realism: ratio of the medians {_cell(rl['ratio'])}")
+    if lr:
+        add("local_realism.png", histogram({"real -> other real volumes": [v["r"] for v in lr["real"]],
+                                            "synthetic -> real volumes": [v["r"] for v in lr["synthetic"]]},
+                                           "median over a volume's patches of the best-matching real patch's r",
+                                           "Pearson r"),
+            f"Local realism: ratio {_cell(lr['ratio'])} (Fisher z of the medians)")
     page.h2("Mask adherence")
     if "own_map" in (ma.get("synthetic") or {}):
         _ct_mask_section(page, ma)
