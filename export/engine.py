@@ -15,7 +15,6 @@ on the device through IO binding), else the CPU.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 
 from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
 from medgen_rt.runtime.energy import EnergyMeter
+from medgen_rt.runtime.schedulers import denoise_loop, make_scheduler, step_noise
 from medgen_rt.runtime.tiling import plan_tiles
 from medgen_rt.io.dicom import parse_format
 from medgen_rt.io.outputs import OutputFolder
@@ -104,83 +104,31 @@ class _Session:
         return binding.copy_outputs_to_cpu()[0]
 
 
-# ---- the samplers, in numpy (the same formulas as medgen_rt.diffusion) --------------------------
+# ---- sampling: the schedulers and the loop of the torch runtime (medgen_rt.runtime.schedulers) --
 
-def ddim_timesteps(steps: int, T: int) -> list:
-    """Leading spacing: k * (T // n) for k = n-1 .. 0 (medgen_rt.diffusion.timesteps_for)."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"--steps must be in [1, {T}] for this model, got {steps}")
-    return [k * (T // steps) for k in range(steps - 1, -1, -1)]
-
-
-def _x0_eps(out, x, a_t: np.ndarray, prediction: str):
-    sa, s1a = np.sqrt(a_t), np.sqrt(1.0 - a_t)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    sa, s1a = sa.reshape(shape).astype(x.dtype), s1a.reshape(shape).astype(x.dtype)
-    if prediction == "epsilon":
-        return (x - s1a * out) / sa, out
-    if prediction == "v_prediction":
-        return sa * x - s1a * out, sa * out + s1a * x
-    return out, (x - sa * out) / s1a
-
-
-def sample_loop(model: Callable, noise: np.ndarray, manifest: dict, sampler: str, steps: int, eta: float = 0.0,
-                guidance: Optional[float] = None, cond: Optional[np.ndarray] = None,
-                rng: Optional[np.random.Generator] = None, progress=None) -> np.ndarray:
-    """model(x, t, cond) -> output; the whole reverse process on float32 numpy arrays."""
-    diff = manifest["diffusion"]
-    x = noise.astype(np.float32).copy()
-    B = x.shape[0]
-    rng = rng or np.random.default_rng(0)
-
-    def evaluate(t_model):
-        if guidance is None or cond is None:
-            return model(x, t_model, cond)
-        both = model(np.concatenate([x, x]), np.concatenate([t_model, t_model]),
-                     np.concatenate([cond, np.zeros_like(cond)]))
-        c, u = both[:B], both[B:]
-        return u + np.float32(guidance) * (c - u)
-
-    def cast(c):
-        return np.full((B,) + (1,) * (x.ndim - 1), c).astype(np.float32)
-
+def scheduler_for(manifest: dict, sampler: str, steps: Optional[int] = None, eta: float = 0.0,
+                  spacing: str = "leading", clip_sample=None):
+    """The shared scheduler for an export, its tables from the manifest."""
     if sampler == "euler":
-        scale = float(manifest.get("flow_timestep_scale", 1000.0))
-        grid = [k / steps for k in range(steps, 0, -1)] + [0.0]
-        for i in range(steps):
-            v = evaluate(np.full(B, grid[i] * scale, dtype=np.float32))
-            x = x + cast(grid[i + 1] - grid[i]) * v
-            if progress:
-                progress(i + 1, steps)
-        return x
+        return make_scheduler("euler", steps, timestep_scale=float(manifest.get("flow_timestep_scale", 1000.0)))
     schedule = manifest["schedule"]
     if schedule is None:
         raise ValueError(f"sampler {sampler!r} needs a DDPM-family model; this export is a flow model (use euler)")
-    a_bar = np.asarray(schedule["alphas_cumprod"], dtype=np.float64)
-    betas = np.asarray(schedule["betas"], dtype=np.float64)
-    T = len(a_bar)
-    prediction = diff.get("prediction") or "v_prediction"
-    ts = list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(steps, T)
-    for i, t in enumerate(ts):
-        out = evaluate(np.full(B, float(t), dtype=np.float32))
-        x0, eps = _x0_eps(out, x, np.full(B, a_bar[t]), prediction)
-        t_prev = t - 1 if sampler == "ddpm" else (ts[i + 1] if i + 1 < len(ts) else -1)
-        a_t, a_prev = a_bar[t], (a_bar[t_prev] if t_prev >= 0 else 1.0)
-        if sampler == "ddpm":
-            c0 = math.sqrt(a_prev) * betas[t] / (1.0 - a_t)
-            ct = math.sqrt(1.0 - betas[t]) * (1.0 - a_prev) / (1.0 - a_t)
-            x = cast(c0) * x0 + cast(ct) * x
-            if t > 0:
-                std = math.sqrt(max((1.0 - a_prev) / (1.0 - a_t) * betas[t], 1e-20))
-                x = x + cast(std) * rng.standard_normal(x.shape, dtype=np.float32)
-        else:
-            sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t)) * math.sqrt(max(1.0 - a_t / a_prev, 0.0))
-            x = cast(math.sqrt(a_prev)) * x0 + cast(math.sqrt(max(1.0 - a_prev - sigma ** 2, 0.0))) * eps
-            if eta > 0:
-                x = x + cast(sigma) * rng.standard_normal(x.shape, dtype=np.float32)
-        if progress:
-            progress(i + 1, len(ts))
-    return x
+    return make_scheduler(sampler, steps, betas=schedule["betas"], alphas_cumprod=schedule["alphas_cumprod"],
+                          prediction_type=manifest["diffusion"].get("prediction") or "v_prediction", eta=eta,
+                          spacing=spacing, clip_sample=clip_sample)
+
+
+def sample_loop(model: Callable, noise: np.ndarray, scheduler, guidance: Optional[float] = None,
+                cond: Optional[np.ndarray] = None, seed: int = 0, progress=None) -> np.ndarray:
+    """model(x, t (B,) float32, cond) -> output; the whole reverse process on float32 numpy arrays.
+    Step noise of row b comes from the stream of seed + b (the torch runtime's for that volume);
+    the null condition of guidance is the all-zero map."""
+    x = noise.astype(np.float32)
+    seeds = [seed + b for b in range(x.shape[0])]
+    return denoise_loop(lambda x_, t, c: model(x_, np.full(x_.shape[0], t, dtype=np.float32), c), x, scheduler,
+                        guidance_scale=guidance, cond=cond, null_cond=None if cond is None else np.zeros_like(cond),
+                        noise_fn=lambda i: step_noise(seeds, i, x.shape), progress=progress)
 
 
 # ---- decoding -------------------------------------------------------------------------------
@@ -310,16 +258,13 @@ class OnnxEngine:
         if (sampler == "euler") != (diff["objective"] == "flow"):
             raise ValueError(f"sampler {sampler!r} does not fit this {diff['objective']} model: "
                              "euler is for flow models, ddim and ddpm for DDPM-family ones")
-        steps = steps or (diff["timesteps"] if sampler == "ddpm" else 50)
-        if sampler == "ddpm" and steps != diff["timesteps"]:
-            raise ValueError(f"the ddpm sampler runs all {diff['timesteps']} steps; use ddim for fewer")
+        scheduler = scheduler_for(m, sampler, steps, eta)  # bad steps refused before any file
+        steps = len(scheduler.timesteps)
         if noise is not None and tuple(noise.shape) != (n,) + latent_shape:
             raise ValueError(f"noise must have shape {(n,) + latent_shape}, got {tuple(noise.shape)}")
         mask_items = self._masks(masks, n) if m["conditional"] else None
         if masks is not None and not m["conditional"]:
             raise ValueError("this export is not mask-conditioned; masks cannot be used")
-        if sampler == "ddim":
-            ddim_timesteps(steps, diff["timesteps"])  # more steps than the schedule has: refused before any file
         if out is not None:
             out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
         meter = EnergyMeter(country=country, enabled=energy)
@@ -341,9 +286,8 @@ class OnnxEngine:
             cond = mask_items[i][1][None] if mask_items else None
             t0 = time.perf_counter()
             with meter.phase("denoise"):
-                z = sample_loop(self.denoise, start, m, sampler, steps, eta=eta,
-                                guidance=guidance if m["conditional"] else None, cond=cond,
-                                rng=np.random.default_rng(seed + i),
+                z = sample_loop(self.denoise, start, scheduler, guidance=guidance if m["conditional"] else None,
+                                cond=cond, seed=seed + i,
                                 progress=(lambda k, total: bar.update(1)) if bar is not None else None)
             t1 = time.perf_counter()
             peak = {"denoise": _peak_rss_gb()}

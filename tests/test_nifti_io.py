@@ -315,3 +315,24 @@ def test_sheared_affine_warns_and_keeps_exact_sform(tmp_path):
         p = write_volume(tmp_path / "s.nii.gz", np.zeros((3, 3, 3)), affine=aff)
     assert np.allclose(read_volume(p).affine, aff)
     assert np.allclose(read_header(p).get_sform(), aff)
+
+
+def test_every_mask_reader_refuses_non_integer_labels(tmp_path):
+    """check_labels holds the integer check, so both sampling engines (and every other reader) share it."""
+    from types import SimpleNamespace
+
+    from medgen_rt.export.engine import OnnxEngine
+    from medgen_rt.io.nifti import check_labels
+    from medgen_rt.sampling.api import _load_masks
+
+    vol = np.zeros((4, 4, 4), np.float32)
+    vol[1, 1, 1] = 1.5  # int() would have read it as label 1
+    p = write_volume(tmp_path / "m.nii.gz", vol)
+    with pytest.raises(ValueError, match=r"m\.nii\.gz: mask values must be integer labels, found 1\.5"):
+        OnnxEngine._masks(SimpleNamespace(manifest={"mask_labels": [1], "mask_shape": [1, 4, 4, 4]}), str(p), 1)
+    with pytest.raises(ValueError, match=r"m\.nii\.gz: mask values must be integer labels, found 1\.5"):
+        _load_masks(str(p), {"mask_labels": [1]}, 1, (4, 4, 4), np.eye(4))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(NiftiError, match="integer labels"):
+            check_labels(p, np.array([0.0, bad]), [1])
+    check_labels(p, np.array([0.0, 1.0]), [1])  # integer-valued floats are fine

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 
 from medgen_rt.cli import checked_type, nonneg_int, positive_float, positive_int
-
-STAGES = ("vae", "dit", "control", "unet")
+from medgen_rt.train.config import STAGES  # torch-free (yaml only); the CLI imports train, never the reverse
 
 
 # What each kind reads; every other data option is None on its namespace, so

@@ -26,7 +26,10 @@ Prediction types
 Sampling
     :func:`sample` runs DDPM (all T steps), DDIM (any number of steps, eta for
     stochasticity) or Euler (rectified flow), with optional classifier-free
-    guidance ``uncond + s * (cond - uncond)`` evaluated in one batched call.
+    guidance ``uncond + s * (cond - uncond)`` evaluated in one batched call. The
+    schedulers and the loop are :mod:`medgen_rt.runtime.schedulers`, which the ONNX
+    engine runs too; stochastic samplers draw their step noise from a seed stream of
+    its own, independent of the initial noise.
 
 Latent scaling
     Latents are multiplied by :func:`latent_scale_factor` = 1 / std before
@@ -37,7 +40,6 @@ from __future__ import annotations
 from .flow import (
     DEFAULT_TIMESTEP_SCALE,
     FLOW_TIMESTEP_SAMPLING,
-    euler_sample,
     euler_step,
     flow_model_timesteps,
     flow_timesteps,
@@ -52,6 +54,7 @@ from .samplers import (
     ddim_sigma,
     ddim_step,
     ddpm_step,
+    euler_sample,
     guided_model_output,
     network_fn,
     sample,

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from medgen_rt.runtime.schedulers import DEFAULT_TIMESTEP_SCALE, euler_step, flow_grid  # noqa: F401 - re-exported
+
 FLOW_TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-DEFAULT_TIMESTEP_SCALE = 1000.0
 
 
 def _bcast_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,25 +87,4 @@ def flow_model_timesteps(t: torch.Tensor, timestep_scale: float = DEFAULT_TIMEST
 
 def flow_timesteps(steps: int) -> torch.Tensor:
     """The Euler grid ``[1, 1 - 1/n, ..., 1/n]`` (float64, descending), n = ``steps``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}")
-    return torch.arange(steps, 0, -1, dtype=torch.float64) / steps
-
-
-def euler_step(model_output: torch.Tensor, t: float, t_next: float, x_t: torch.Tensor):
-    """One Euler step of the flow ODE from ``t`` to ``t_next < t``.
-
-    Returns ``(x_next, x0_hat)`` with ``x_next = x_t + (t_next - t) * v`` and
-    ``x0_hat = x_t - t * v``.
-    """
-    if tuple(model_output.shape) != tuple(x_t.shape):
-        raise ValueError(f"model_output has shape {tuple(model_output.shape)}, expected {tuple(x_t.shape)}")
-    t, t_next = float(t), float(t_next)
-    return x_t + (t_next - t) * model_output, x_t - t * model_output
-
-
-def euler_sample(model_fn, shape, *, steps: int = 50, **kwargs):
-    """Shortcut for ``sample(model_fn, shape, sampler="euler", steps=steps, **kwargs)``."""
-    from .samplers import sample
-
-    return sample(model_fn, shape, None, sampler="euler", steps=steps, **kwargs)
+    return torch.from_numpy(flow_grid(steps)[:-1].copy())

@@ -23,20 +23,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+# the samplers' own (torch-free, shared with the ONNX engine)
+from medgen_rt.runtime.schedulers import PREDICTION_TYPES, check_prediction_type, predict_x0_eps  # noqa: F401
+
 SCHEDULE_KINDS = ("cosine", "linear", "scaled_linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # --------------------------------------------------------------------------- #
 # argument checks shared by the package
 # --------------------------------------------------------------------------- #
-def check_prediction_type(prediction_type: str) -> str:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}"
-        )
-    return prediction_type
-
 
 def check_timestep(t, num_train_timesteps: int, name: str = "t", allow_minus_one: bool = False):
     """Validate a discrete timestep and return it as an ``int`` or a 1-D integer tensor.
@@ -206,18 +201,8 @@ class NoiseSchedule:
         check_prediction_type(prediction_type)
         _same_shape(x_t, model_output, "model_output")
         t = check_timestep(t, self.num_train_timesteps, "t")
-        a = _gather(self.alphas_cumprod, t)
-        sa, s1a = a.sqrt(), (1.0 - a).sqrt()
-        if prediction_type == "epsilon":
-            eps = model_output
-            x0 = (x_t - broadcast_coef(s1a, x_t) * eps) * broadcast_coef(1.0 / sa, x_t)
-        elif prediction_type == "v_prediction":
-            x0 = broadcast_coef(sa, x_t) * x_t - broadcast_coef(s1a, x_t) * model_output
-            eps = broadcast_coef(sa, x_t) * model_output + broadcast_coef(s1a, x_t) * x_t
-        else:
-            x0 = model_output
-            eps = (x_t - broadcast_coef(sa, x_t) * x0) * broadcast_coef(1.0 / s1a, x_t)
-        return x0, eps
+        a = _gather(self.alphas_cumprod, t).detach().to("cpu", torch.float64).numpy()
+        return predict_x0_eps(model_output, x_t, a, prediction_type)  # the samplers' own formula
 
 
 def _same_shape(ref: torch.Tensor, other: torch.Tensor, name: str) -> None:

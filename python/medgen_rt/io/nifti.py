@@ -371,12 +371,17 @@ def _check_read_affine(p: Path, affine: np.ndarray) -> None:
 
 
 def check_labels(path: PathLike, labels: np.ndarray, known, whose: str = "the known labels") -> None:
-    """Raise NiftiError naming the file when a label map holds values other than 0 and ``known``.
+    """Raise NiftiError naming the file when a label map holds values other than integers, 0 and ``known``.
 
-    The one check of label values for every reader of masks (training data, sampling, eval).
+    The one check of label values for every reader of masks (training data, sampling in both
+    engines, eval).
     """
     known = sorted({int(v) for v in known})
     values = np.unique(np.asarray(labels))
+    if values.dtype.kind in "fc":  # int() below would turn 1.5 into label 1 and fail on NaN
+        bad = values[~np.isfinite(values) | (values != np.round(values))]
+        if bad.size:
+            raise NiftiError(f"{path}: mask values must be integer labels, found {bad[0].item()!r}")
     unknown = sorted({int(v) for v in values.tolist()} - {0} - set(known))
     if unknown:
         raise NiftiError(f"{path}: labels {unknown} are not among {whose}: {known}")

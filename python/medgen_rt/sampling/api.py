@@ -140,9 +140,7 @@ def _load_masks(masks, info: dict, n: int, image_shape: tuple, affine: np.ndarra
         vol = mask.array
         if tuple(vol.shape) != tuple(image_shape[:3]):
             raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model generates {tuple(image_shape[:3])}")
-        if not np.all(np.equal(np.mod(vol, 1), 0)):
-            raise ValueError(f"{f}: mask values must be integer labels")
-        check_labels(f, vol, labels, "the model's mask labels")  # the one label check of every reader
+        check_labels(f, vol, labels, "the model's mask labels")  # the one label check of every reader (integers too)
         want, got = _voxel_size(affine), _voxel_size(mask.affine)
         if not np.allclose(got, want, rtol=0.01):
             raise ValueError(f"{f}: voxel size {tuple(np.round(got, 3))} mm but the model was trained at "
@@ -255,9 +253,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     net.to(dtype)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    # stochastic samplers draw step noise from one generator: one volume at a time keeps a
-    # volume's result independent of the others in its batch
-    batch = 1 if (sampler == "ddpm" or eta > 0) else plan.batch
+    batch = plan.batch  # step noise comes per volume (its own seed stream): stochastic samplers batch too
     meter = EnergyMeter(country=country, enabled=energy)
     # each volume goes to disk as soon as it is decoded: a run that fails late keeps what it made
     writer = VolumeWriter(out, meter, modality, geometry)
@@ -277,7 +273,6 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         # noise from each volume's own seed, so batching does not change a volume
         noise = torch.cat([torch.randn((1,) + latent_shape, generator=torch.Generator().manual_seed(seed + i))
                            for i in group]).to(dev)
-        gen = torch.Generator(device="cpu").manual_seed(seed + group[0])
         cond = null = None
         if conditional:
             cond = torch.stack([mask_items[i][1] for i in group]).to(dev)
@@ -286,7 +281,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         with meter.phase("denoise"):
             z = D.sample(fn, noise.shape, schedule, sampler=sampler, steps=steps, eta=eta,
                          guidance_scale=guidance if conditional else None, cond=cond, null_cond=null,
-                         noise=noise, generator=gen, device=dev,
+                         noise=noise, step_seeds=[seed + i for i in group], device=dev,
                          # flow runs record the DDPM default prediction; the Euler sampler takes velocity only
                          prediction_type=diff.get("prediction") if objective == "ddpm" else None,
                          progress=(lambda k, total: bar.update(len(group))) if bar is not None else None)
