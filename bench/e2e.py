@@ -3,16 +3,20 @@ medgen_rt runtime against the straightforward eager path of the same model, in
 one run, each in a fresh child process (random weights: speed and memory do not
 depend on training).
 
-    medgen_rt: the fastest backends of the op registry, the DiT in bf16 on GPU,
-               streamed decoding with the planner's chunk (max_vram 8 GB).
+    medgen_rt: the fastest backends of the op registry, the denoiser in bf16 on GPU,
+               streamed decoding with the planner's chunk (max_vram 8 GB; MedLoRD 24 GB).
     eager:     the reference ops (MEDGEN_BACKEND=reference), float32, the whole
                latent decoded at once (what the published scripts do).
 
-Configs: "ct" (DiT-B/2 on the ct-ds8 latent of a 512x512x256 CT, 50 DDIM steps)
-and "cine" (DiT4D-B on the published CMR latent: 6 slices of 256x256x32 ->
-(8, 6, 64, 64, 8)). --small shrinks both to sizes this 2-core CPU runs in minutes.
+Configs: "ct" (DiT-B/2 on the ct-ds8 latent of a 512x512x256 CT, 50 DDIM steps),
+"cine" (DiT4D-B on the published CMR latent: 6 slices of 256x256x32 ->
+(8, 6, 64, 64, 8)) and "medlord" (MedLoRD's path: U-Net 64/128/256/512 with the
+lightweight ControlNet on six masks at image size, ct-ds4 latent 128x128x64 of a
+512x512x256 CT, 50 DDIM steps, unguided as the published sampler). --small shrinks
+them to sizes this 2-core CPU runs in minutes.
 
     python bench/e2e.py --small --out bench/results/e2e-small-cpu.json
+    python bench/e2e.py --configs medlord --device cuda --out bench/results/e2e-medlord-h100.json
     python bench/e2e.py --device cuda --out bench/results/e2e-h100.json
 """
 from __future__ import annotations
@@ -29,14 +33,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_description, versions, write_json  # noqa: E402
 
+MEDLORD = "unet-medlord+controlnet"  # U-Net preset "medlord" + lightweight ControlNet, six masks
 CONFIGS = {
-    # name: (DiT preset, VQ-GAN preset, latent (C, *spatial), steps)
+    # name: (denoiser: DiT preset or MEDLORD, VQ-GAN preset, latent (C, *spatial), steps)
     "ct": ("dit3d-b/2", "ct-ds8", (8, 64, 64, 32), 50),
     "cine": ("dit4d-b", "cmr", (8, 6, 64, 64, 8), 50),
+    "medlord": (MEDLORD, "ct-ds4", (8, 128, 128, 64), 50),
 }
 SMALL = {
     "ct": ("dit3d-b/2", "ct-ds8", (8, 16, 16, 8), 10),  # a 128x128x64 CT
     "cine": ("dit4d-b", "cmr", (8, 2, 16, 16, 4), 10),  # 2 slices of 64x64x16
+    "medlord": (MEDLORD, "ct-ds4", (8, 16, 16, 8), 10),  # a 64x64x32 CT
 }
 
 
@@ -48,40 +55,60 @@ def _peak_gb(device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
+def _denoiser(name: str, latent: tuple, factor: int):
+    """(network, mask or None) with random weights; the MedLoRD mask is six one-hot labels at image size."""
+    import torch
+
+    if name == MEDLORD:
+        from medgen_rt.models.unet import ControlledUNet, UNetDenoiser, unet_config
+
+        base = UNetDenoiser(unet_config("medlord", in_channels=latent[0], out_channels=latent[0], out_silu=False))
+        net = ControlledUNet(base, mask_channels=6, mask_downsample=factor, variant="lightweight").eval()
+        labels = torch.randint(0, 7, (1, *(s * factor for s in latent[1:])), generator=torch.Generator().manual_seed(1))
+        return net, torch.stack([labels == k for k in range(1, 7)], dim=1).float()
+    from medgen_rt.models.dit import DiT, dit_config
+
+    net = DiT(dit_config(name, input_size=latent[1:], in_channels=latent[0])).eval()
+    for block in net.blocks:  # published init zeroes adaLN: give the blocks work to do
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    return net, None
+
+
 def child(mode: str, config: tuple, device_name: str, energy: bool) -> dict:
     import torch
 
     from medgen_rt import diffusion as D
-    from medgen_rt.models.dit import DiT, dit_config
     from medgen_rt.models.vqgan import build_vqgan
     from medgen_rt.runtime.energy import EnergyMeter
-    from medgen_rt.sampling.api import _model_fn, decode_latent
+    from medgen_rt.sampling.api import decode_latent
     from medgen_rt.sampling.planner import plan_sampling
 
-    dit_name, vae_name, latent, steps = config
+    net_name, vae_name, latent, steps = config
     device = torch.device(device_name)
     torch.manual_seed(0)
-    net = DiT(dit_config(dit_name, input_size=latent[1:], in_channels=latent[0])).eval()
-    for block in net.blocks:  # published init zeroes adaLN: give the blocks work to do
-        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
     vae = build_vqgan(vae_name).eval()
+    net, mask = _denoiser(net_name, latent, vae.downsample_factor[0])
     schedule = D.make_schedule("linear", 1000)
     meter = EnergyMeter(enabled=energy)
     noise = torch.randn((1,) + tuple(latent), generator=torch.Generator().manual_seed(0))
     if mode == "medgen_rt":
-        plan = plan_sampling(net.to(device), vae.to(device), latent, max_vram="8GB", device=device)
+        # MedLoRD's claim is a 24 GB card; the DiT paths are planned for 8 GB
+        budget = "24GB" if net_name == MEDLORD else "8GB"
+        plan = plan_sampling(net.to(device), vae.to(device), latent, max_vram=budget, device=device)
         vae.to("cpu")
         dtype = getattr(torch, plan.denoiser_dtype)
         net.to(dtype)
     else:
         plan, dtype = None, torch.float32
         net.to(device)
-    fn = _model_fn(net, False, dtype)
+    fn = D.network_fn(net, mask is not None, dtype)
+    cond = mask.to(device) if mask is not None else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with meter.phase("denoise"), torch.no_grad():
-        z = D.sample(fn, noise.shape, schedule, sampler="ddim", steps=steps, noise=noise.to(device), device=device)
+        z = D.sample(fn, noise.shape, schedule, sampler="ddim", steps=steps, noise=noise.to(device), device=device,
+                     cond=cond)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
@@ -124,7 +151,7 @@ def main(argv=None) -> int:
         return 0
     results = {}
     for name in args.configs:
-        results[name] = {"dit": table[name][0], "vqgan": table[name][1], "latent": list(table[name][2]),
+        results[name] = {"denoiser": table[name][0], "vqgan": table[name][1], "latent": list(table[name][2]),
                          "steps": table[name][3]}
         for mode in ("medgen_rt", "eager"):
             env = dict(os.environ)

@@ -11,7 +11,9 @@ weights.safetensors) that ``medgen sample --model OUT`` (or ``OUT/tgca``,
 ``OUT/controlnet``) takes.
 
 Rules: files are read without unpickling code; EMA weights are taken when the
-checkpoint has them (``raw_weights=True`` for the raw ones); the configuration
+checkpoint has them (``raw_weights=True`` for the raw ones; MedLoRD's U-Net
+follows ``unet_weights``, by default raw beside a ControlNet as the published
+ControlNet code uses it, see convert/medlord.py); the configuration
 is read from the tensors' shapes, the published YAML files (``configs``)
 override it; every tensor is accounted for, and an unknown key, a missing key or
 a wrong shape raises ValueError naming them. Where medgen_rt's networks would
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from medgen_rt.convert.common import (ConversionError, Weights, conversion_record, diffusion_settings,
-                                      prepare_out, read_configs, scale_factor_of, select_weights, write_run)
+                                      load_checkpoint, prepare_out, read_configs, scale_factor_of, select_weights,
+                                      write_run)
 
 SYSTEMS = ("voldit", "cardiodit", "medlord")
 __all__ = ["SYSTEMS", "ConversionError", "ConvertOptions", "convert", "role_of"]
@@ -39,6 +42,8 @@ class ConvertOptions:
     latent_shape: Optional[Sequence[int]] = None  # spatial latent size
     mask_labels: Optional[Sequence[int]] = None
     allow_deviations: bool = False
+    # MedLoRD's U-Net: "raw" | "ema"; None: raw beside a ControlNet, else as raw_weights
+    unet_weights: Optional[str] = None
 
 
 def role_of(tensors: dict) -> Optional[str]:
@@ -87,6 +92,22 @@ def _by_role(system: str, weights: Sequence[Weights], roles: Sequence[str]) -> d
     return found
 
 
+def _unet_weights(w: Weights, checkpoint, opts: ConvertOptions, with_controlnet: bool) -> Weights:
+    """MedLoRD's U-Net weights: --unet-weights, else raw beside a ControlNet, else as --raw-weights."""
+    want = opts.unet_weights or ("raw" if with_controlnet or opts.raw_weights else "ema")
+    try:
+        chosen = select_weights(w.path, raw=want == "raw", checkpoint=checkpoint)
+    except ConversionError:
+        if opts.unet_weights or opts.raw_weights:
+            raise ConversionError(f"{w.path}: raw U-Net weights asked for (--unet-weights raw / --raw-weights), but "
+                                  "the checkpoint holds only EMA weights") from None
+        return select_weights(w.path, raw=False, checkpoint=checkpoint)  # only EMA there: the default takes it
+    if opts.unet_weights == "ema" and chosen.chosen != "ema":
+        raise ConversionError(f"{w.path}: --unet-weights ema asked for, but the checkpoint holds no EMA weights "
+                              f"(other entries: {', '.join(chosen.ignored) or 'none, a bare state_dict'})")
+    return chosen
+
+
 def convert(system: str, checkpoints: Sequence, out, configs: Sequence = (), options: Optional[ConvertOptions] = None,
             overwrite: bool = False, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Converts published checkpoints into a medgen_rt model folder; returns a summary
@@ -95,14 +116,31 @@ def convert(system: str, checkpoints: Sequence, out, configs: Sequence = (), opt
     opts = options or ConvertOptions()
     if not checkpoints:
         raise ValueError("give at least the VQ-GAN and the denoiser checkpoints")
+    if opts.unet_weights not in (None, "raw", "ema"):
+        raise ValueError(f"--unet-weights {opts.unet_weights!r}: choose raw or ema")
+    if opts.unet_weights is not None and system != "medlord":
+        raise ValueError(f"--unet-weights is for medlord's U-Net; {system} has --raw-weights")
     cfg = read_configs(configs)
-    weights = [select_weights(p, raw=opts.raw_weights) for p in checkpoints]
+    loaded = [load_checkpoint(p) for p in checkpoints]
+    weights = [select_weights(p, raw=opts.raw_weights, checkpoint=c) for p, c in zip(checkpoints, loaded)]
+    by_role = _by_role(system, weights, module.ROLES)
+    unet_choice = None
+    if "unet" in by_role:
+        i = next(j for j, w in enumerate(weights) if w is by_role["unet"])
+        weights[i] = by_role["unet"] = _unet_weights(weights[i], loaded[i], opts, "controlnet" in by_role)
+        unet_choice = {"chosen": weights[i].chosen, "asked": opts.unet_weights or "default",
+                       "why": "--unet-weights" if opts.unet_weights else (
+                           "published ControlNet code (train/sample_controlnet.py) uses the U-Net's raw weights"
+                           if "controlnet" in by_role else "as --raw-weights (sample_ldm.py samples EMA)")}
+    del loaded
     for w in weights:
         log(f"{w.path}: {len(w.tensors)} tensors ({w.chosen} weights)"
             + (f"; not model weights, ignored: {', '.join(w.ignored)}" if w.ignored else ""))
-    by_role = _by_role(system, weights, module.ROLES)
     notes: list = []
     deviations: list = []
+    if unet_choice is not None and unet_choice["asked"] == "default" and "controlnet" in by_role:
+        notes.append(f"U-Net: {unet_choice['chosen']} weights, as the published ControlNet code trains and samples "
+                     "with (sample_controlnet.py); --unet-weights ema for the EMA ones (sample_ldm.py)")
     runs = module.convert(by_role, cfg, opts, notes, deviations)
 
     vqgan = runs["vae"][0]
@@ -135,6 +173,8 @@ def convert(system: str, checkpoints: Sequence, out, configs: Sequence = (), opt
         for s in sources or ():
             dropped.update({f"{s.origin}: {k}": why for k, why in s.dropped.items()})
     record = conversion_record(system, weights, notes, deviations, dropped)
+    if unet_choice is not None:
+        record["unet_weights"] = unet_choice
     denoiser_info = {"kind": denoiser_name, "config": runs[denoiser_name][1], "diffusion": diffusion,
                      "scale_factor": scale, "latent_shape": [channels, *spatial], "vae_run": "../vae",
                      "modality": modality, "geometry": geometry, "conversion": record}

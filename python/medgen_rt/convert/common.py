@@ -113,12 +113,13 @@ def _ema_shadow(ckpt: Mapping) -> Optional[dict]:
     return None
 
 
-def select_weights(path, raw: bool = False) -> Weights:
+def select_weights(path, raw: bool = False, checkpoint=None) -> Weights:
     """The model weights of a published checkpoint: the EMA weights when present (the
     ``model`` state with the EMA shadow written over it, as the published samplers load
-    them), or the raw ``model`` weights with raw=True."""
+    them), or the raw ``model`` weights with raw=True. ``checkpoint``: the file's content
+    when already loaded (choosing again without reading it twice)."""
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if checkpoint is None else checkpoint
     if _is_tensor_map(ckpt):
         return Weights(path, strip_wrapper_prefixes(ckpt), "state_dict")
     if not isinstance(ckpt, Mapping):
@@ -253,6 +254,7 @@ class PublishedConfig:
     tgca: dict = field(default_factory=dict)
     unet: dict = field(default_factory=dict)
     controlnet: dict = field(default_factory=dict)
+    condition_keys: list = field(default_factory=list)  # MedLoRD ControlNet: the mask channels, in order
     scheduler: dict = field(default_factory=dict)
     scheduler_type: Optional[str] = None
     training: dict = field(default_factory=dict)
@@ -293,6 +295,8 @@ def read_configs(paths: Sequence) -> PublishedConfig:
             cfg.tgca.update(_params(data["tgca"]))
         if "controlnet" in data:
             cfg.controlnet.update(_params(data["controlnet"]))
+            if isinstance(data["controlnet"], Mapping) and data["controlnet"].get("condition_keys"):
+                cfg.condition_keys = [str(k) for k in data["controlnet"]["condition_keys"]]
         for name in ("ldm", "pretrained_model"):
             if isinstance(data.get(name), Mapping):
                 cfg.unet.update(_params(data[name]))

@@ -27,9 +27,25 @@ conv. A checkpoint with ``out.1.conv.*`` (MedLoRD as published) is converted
 exactly only when medgen_rt's UNetConfig can switch that SiLU off
 (``out_silu=False``); until then the conversion stops unless --allow-deviations.
 
-The newer MedLoRD ControlNet (src/models/controlnet.py: channels scaled by r, a
-stride-2 mask stem, 1x1 projections to the U-Net's widths) cannot be expressed
-as MONAI's ControlNet unless r = 1 and initial_stride = 1; it is refused.
+ControlNets: the older one (MONAI Generative's, ``controlnet_mid_block.conv.*``)
+onto MONAI's ControlNet with the names above; the current one, MedLoRD's
+lightweight ControlNet (src/models/controlnet.py, ``controlnet_mid_block.weight``),
+onto medgen_rt's (models/controlnet.py), every name kept except MONAI core's
+attention names: ``transformer_blocks.0.attn{1,2}.to_out.0.*`` ->
+``...attn{1,2}.out_proj.*`` (published ``with_conditioning: true``: spatial
+transformers, applied), or ``attentions.{j}.to_{q,k,v}.*`` ->
+``attentions.{j}.attn.to_{q,k,v}.*`` with ``proj_attn.*`` dropped (never
+applied). r, the heads and the groups come from the ControlNet YAML when given
+(r is checked against the widths); initial_stride, not stored in a checkpoint,
+from the YAML or else from the VQ-GAN's factor (the published sampler feeds
+image-size masks, so the stem must shrink them to the latent).
+
+U-Net weights (--unet-weights raw|ema): the published ControlNet code trains
+(train_controlnet.py) and samples (sample_controlnet.py) beside the U-Net's raw
+``model`` weights, while sample_ldm.py samples the U-Net's EMA weights. With a
+ControlNet the default is raw, else EMA (--raw-weights: raw); the unet/ and
+controlnet/ runs of one folder hold the same U-Net, and model.json records the
+choice (conversion.unet_weights).
 """
 from __future__ import annotations
 
@@ -164,43 +180,183 @@ def convert_unet(source: Source, cfg: PublishedConfig, notes: list, deviations: 
     return model.eval(), model.config.to_dict()
 
 
-def convert_controlnet(source: Source, base, cfg: PublishedConfig, notes: list):
+def convert_controlnet(source: Source, base, cfg: PublishedConfig, vq_factor: tuple, notes: list):
+    if "controlnet_mid_block.weight" in source:
+        return convert_lightweight_controlnet(source, base, cfg, vq_factor, notes)
     from medgen_rt.models.unet import ControlledUNet
 
-    if "controlnet_mid_block.weight" in source or "controlnet_down_blocks.1.weight" in source:
-        raise ConversionError(f"{source.origin}: this is MedLoRD's lightweight ControlNet (src/models/controlnet.py: "
-                              "r-scaled channels, a stride-2 mask stem, bare 1x1 projections), which MONAI's "
-                              "ControlNet and medgen_rt's ControlledUNet cannot express")
     published = dict(cfg.controlnet)
     _check_published_options(published, "ControlNet config")
     if as_float(published.get("r", 1.0), "r") != 1.0 or int(published.get("initial_stride", 1)) != 1:
-        raise ConversionError("ControlNet config r != 1 or initial_stride != 1: MedLoRD's lightweight ControlNet "
-                              "cannot be expressed as MONAI's ControlNet")
+        raise ConversionError("ControlNet config has r or initial_stride (MedLoRD's lightweight ControlNet), but "
+                              f"{source.origin} holds MONAI's ControlNet (controlnet_mid_block.conv.*)")
     conv_in = source.require("controlnet_cond_embedding.conv_in.conv.weight")
     blocks = sorted({int(k.split(".")[2]) for k in source.keys("controlnet_cond_embedding.blocks.")})
     embedding = [int(conv_in.shape[0])] + [
         int(source.require(f"controlnet_cond_embedding.blocks.{j}.conv.weight").shape[0]) for j in blocks[1::2]]
     if int(source.require("conv_in.conv.weight").shape[0]) != base.config.channels[0]:
-        raise ConversionError(f"{source.origin}: the ControlNet's widths differ from the U-Net's (a scaled "
-                              "lightweight ControlNet?); MONAI's ControlNet mirrors the U-Net encoder")
+        raise ConversionError(f"{source.origin}: the ControlNet's widths differ from the U-Net's; MONAI's "
+                              "ControlNet mirrors the U-Net encoder")
     options = {"mask_channels": int(conv_in.shape[1]), "mask_downsample": 2 ** (len(embedding) - 1),
                "embedding_channels": embedding, "condition_dropout_prob": 0.1, "conditioning_scale": 1.0}
+    _check_embedding(published, embedding)
+    if any(f != options["mask_downsample"] for f in vq_factor):
+        # the older published ControlNet resizes its mask embedding to the latent (trilinear);
+        # medgen_rt takes image-size masks and embeds them straight to the latent size
+        raise ConversionError(f"the ControlNet embeds masks {options['mask_downsample']}x smaller, the VQ-GAN "
+                              f"downsamples images {tuple(vq_factor)}x: medgen_rt needs both equal")
+    model = ControlledUNet(base, **options)
+    return _load_controlled(model, base, source, monai_rule(model.state_dict(), "controlnet."))
+
+
+def _check_embedding(published: dict, embedding: list) -> None:
     if "conditioning_embedding_num_channels" in published and \
             [int(c) for c in published["conditioning_embedding_num_channels"]] != embedding:
         raise ConversionError(f"ControlNet config conditioning_embedding_num_channels "
                               f"{list(published['conditioning_embedding_num_channels'])} differs from the "
                               f"checkpoint's {embedding}")
-    model = ControlledUNet(base, **options)
+
+
+def _load_controlled(model, base, source: Source, controlnet_rule):
+    """Fills a ControlledUNet: base.* from the converted U-Net, controlnet.* by the rule."""
     target = model.state_dict()
     base_state = {f"base.{k}": v for k, v in base.state_dict().items()}
-    controlnet_rule = monai_rule(target, "controlnet.")
 
     def rule(name: str) -> Rule:
         return Rule(value=base_state[name]) if name in base_state else controlnet_rule(name)
 
     model.load_state_dict(map_state(target, source, rule), strict=True)
-    options["embedding_channels"] = list(embedding)
-    return model.eval(), options
+    return model.eval(), dict(model.options)
+
+
+def _ints(value, levels: int) -> list:
+    return [int(value)] * levels if isinstance(value, int) else [int(v) for v in value]
+
+
+def lightweight_settings(source: Source, unet, cfg: PublishedConfig, vq_factor: tuple, notes: list) -> dict:
+    """ControlledUNet options of a published lightweight ControlNet (``unet``: the base's UNetConfig),
+    from the tensors' shapes and the ControlNet YAML."""
+    from medgen_rt.models.controlnet import control_widths, embedding_downsample
+
+    published = dict(cfg.controlnet)
+    on = [k for k in ("resblock_updown", "upcast_attention") if str(published.get(k, False)).lower() == "true"]
+    on += [k for k in ("num_class_embeds", "cross_attention_dim") if published.get(k) is not None]
+    if on:
+        raise ConversionError(f"ControlNet config: {', '.join(on)} not supported by medgen_rt's lightweight "
+                              "ControlNet (MedLoRD's passes no context or class)")
+    if "norm_eps" in published and as_float(published["norm_eps"], "norm_eps") != 1e-6:
+        raise ConversionError(f"ControlNet config norm_eps {published['norm_eps']}: medgen_rt uses 1e-6")
+    levels = _levels(source)
+    widths = [int(source.require(f"down_blocks.{i}.resnets.0.conv1.conv.weight").shape[0]) for i in range(levels)]
+    projected = int(source.require("controlnet_mid_block.weight").shape[0])
+    if levels != len(unet.channels) or projected != unet.channels[-1]:
+        raise ConversionError(f"{source.origin}: a ControlNet for a U-Net of {levels} levels ending at {projected} "
+                              f"channels; the U-Net has channels {list(unet.channels)}")
+    for name, want in (("num_channels", list(unet.channels)), ("in_channels", [unet.in_channels]),
+                       ("spatial_dims", [unet.spatial_dims])):
+        if name in published and _ints(published[name], len(want)) != want:
+            raise ConversionError(f"ControlNet config {name} {published[name]} differs from the U-Net's "
+                                  f"{want if len(want) > 1 else want[0]}")
+    if "r" in published:
+        r = as_float(published["r"], "ControlNet config r")
+    else:
+        r = widths[0] / unet.channels[0]
+        notes.append(f"ControlNet r {r:g} read from its widths {widths}; pass the ControlNet YAML with --config "
+                     "to check it against the published setting")
+    if control_widths(unet.channels, r) != widths:
+        raise ConversionError(f"{source.origin}: ControlNet widths {widths} are not max(1, int(r * C)) for r {r:g} "
+                              f"and the U-Net's channels {list(unet.channels)}")
+    res_blocks = {_resnets(source, i) for i in range(levels)}
+    if res_blocks != {unet.num_res_blocks}:
+        raise ConversionError(f"{source.origin}: ControlNet residual blocks per level {sorted(res_blocks)}, the "
+                              f"U-Net's {unet.num_res_blocks}: their residuals would not line up")
+    attention = tuple(bool(source.keys(f"down_blocks.{i}.attentions.")) for i in range(levels))
+    if attention != tuple(unet.attention_levels):
+        raise ConversionError(f"{source.origin}: ControlNet attention levels {list(attention)} differ from the "
+                              f"U-Net's {list(unet.attention_levels)}")
+    transformer = any(".transformer_blocks." in k for k in source.tensors)
+    if any(".transformer_blocks.1." in k for k in source.tensors):
+        raise ConversionError(f"{source.origin}: transformer_num_layers > 1 is not supported")
+    if "with_conditioning" in published and (str(published["with_conditioning"]).lower() == "true") != transformer:
+        raise ConversionError(f"ControlNet config with_conditioning {published['with_conditioning']} but the "
+                              f"checkpoint {'has' if transformer else 'has no'} spatial transformer blocks")
+    if "num_head_channels" in published:
+        heads = _ints(published["num_head_channels"], levels)
+    else:
+        heads = list(unet.num_head_channels)
+        if any(attention):
+            notes.append(f"ControlNet attention head size taken as the U-Net's {heads} (not stored in a checkpoint); "
+                         "pass the ControlNet YAML with --config if it differs")
+    conv_in = source.require("controlnet_cond_embedding.conv_in.conv.weight")
+    blocks = sorted({int(k.split(".")[2]) for k in source.keys("controlnet_cond_embedding.blocks.")})
+    if blocks != list(range(len(blocks))) or len(blocks) % 2:
+        raise ConversionError(f"{source.origin}: controlnet_cond_embedding.blocks {blocks}: expected pairs of "
+                              "a refinement and a stride-2 convolution")
+    embedding = [int(conv_in.shape[0])] + [
+        int(source.require(f"controlnet_cond_embedding.blocks.{j}.conv.weight").shape[0]) for j in blocks[1::2]]
+    _check_embedding(published, embedding)
+    mask_channels = int(conv_in.shape[1])
+    if int(published.get("conditioning_embedding_in_channels", mask_channels)) != mask_channels:
+        raise ConversionError(f"ControlNet config conditioning_embedding_in_channels "
+                              f"{published['conditioning_embedding_in_channels']}, the checkpoint's {mask_channels}")
+    if len(set(vq_factor)) != 1:
+        raise ConversionError(f"the VQ-GAN downsamples {tuple(vq_factor)}: the lightweight ControlNet's mask stem "
+                              "shrinks every axis alike")
+    factor = int(vq_factor[0])
+    if "initial_stride" in published:
+        stride = int(published["initial_stride"])
+    else:
+        stride = max(1, factor // 2 ** (len(embedding) - 1))
+        notes.append(f"ControlNet initial_stride {stride} (not stored in a checkpoint) from the VQ-GAN's {factor}x; "
+                     "pass the ControlNet YAML with --config to check it")
+    if embedding_downsample(embedding, stride) != factor:
+        raise ConversionError(f"the ControlNet's mask stem (initial_stride {stride}, embedding {embedding}) shrinks "
+                              f"masks {embedding_downsample(embedding, stride)}x, the VQ-GAN images {factor}x: the "
+                              "published sampler needs both equal")
+    if cfg.condition_keys:
+        if len(cfg.condition_keys) != mask_channels:
+            raise ConversionError(f"ControlNet config condition_keys {cfg.condition_keys} name "
+                                  f"{len(cfg.condition_keys)} masks, the checkpoint takes {mask_channels}")
+        # the published sampler stacks one binary mask per key; medgen_rt one-hot encodes a label map
+        notes.append(f"ControlNet mask channels in the published order: {', '.join(cfg.condition_keys)}; "
+                     "--mask-labels gives the label value of each in your label maps (default 1..K)")
+    dropout = as_float(cfg.training.get("control_dropout", 0.1), "training.control_dropout")
+    return {"variant": "lightweight", "mask_channels": mask_channels, "mask_downsample": factor,
+            "embedding_channels": embedding, "condition_dropout_prob": dropout, "conditioning_scale": 1.0, "r": r,
+            "initial_stride": stride, "transformer_attention": transformer, "num_head_channels": heads,
+            "norm_num_groups": int(published.get("norm_num_groups", PUBLISHED_GROUPS))}
+
+
+_TRANSFORMER_OUT = re.compile(r"^(.*\.attn[12])\.out_proj\.(weight|bias)$")
+
+
+def lightweight_rule(prefix: str):
+    """Published key of the lightweight ControlNet tensor ``name`` (under ``prefix``)."""
+    def rule(name: str) -> Rule:
+        key = name[len(prefix):]
+        m = _ATTN_QKV.match(key)
+        if m:
+            return Rule(f"{m.group(1)}.to_{m.group(2)}.{m.group(3)}")
+        m = _TRANSFORMER_OUT.match(key)
+        if m:
+            return Rule(f"{m.group(1)}.to_out.0.{m.group(2)}")
+        return Rule(key)
+    return rule
+
+
+def convert_lightweight_controlnet(source: Source, base, cfg: PublishedConfig, vq_factor: tuple, notes: list):
+    from medgen_rt.models.unet import ControlledUNet
+
+    options = lightweight_settings(source, base.config, cfg, vq_factor, notes)
+    try:
+        model = ControlledUNet(base, **options)
+    except ValueError as exc:
+        raise ConversionError(f"{source.origin}: {exc} (pass the ControlNet YAML with --config)") from None
+    if not options["transformer_attention"]:
+        for key in source.keys():
+            if ".proj_attn." in key:
+                source.drop(key, "created but never applied by the published attention block")
+    return _load_controlled(model, base, source, lightweight_rule("controlnet."))
 
 
 def convert(weights: dict, cfg: PublishedConfig, opts, notes: list, deviations: list) -> dict:
@@ -218,12 +374,8 @@ def convert(weights: dict, cfg: PublishedConfig, opts, notes: list, deviations: 
         import copy
 
         cn_source = Source(weights["controlnet"].tensors, str(weights["controlnet"].path))
-        controlled, options = convert_controlnet(cn_source, copy.deepcopy(unet), cfg, notes)
-        if any(f != options["mask_downsample"] for f in vqgan.downsample_factor):
-            # the older published ControlNet resizes its mask embedding to the latent (trilinear);
-            # medgen_rt takes image-size masks and embeds them straight to the latent size
-            raise ConversionError(f"the ControlNet embeds masks {options['mask_downsample']}x smaller, the VQ-GAN "
-                                  f"downsamples images {tuple(vqgan.downsample_factor)}x: medgen_rt needs both equal")
+        controlled, options = convert_controlnet(cn_source, copy.deepcopy(unet), cfg,
+                                                 tuple(vqgan.downsample_factor), notes)
         runs["controlnet"] = (controlled, options, [cn_source])
     return runs
 

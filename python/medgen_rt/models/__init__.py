@@ -37,8 +37,13 @@ def build_model(info: dict, base: nn.Module = None) -> nn.Module:
             from medgen_rt.models.tgca import TGCA
 
             return TGCA(base, **cfg)
+        import inspect
+
         from medgen_rt.models.unet import ControlledUNet
 
+        unknown = sorted(set(cfg) - set(inspect.signature(ControlledUNet).parameters) - {"base"})
+        if unknown:
+            raise ValueError(f"controlnet config: unknown setting(s) {', '.join(unknown)}")
         return ControlledUNet(base, **cfg)
     raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
 

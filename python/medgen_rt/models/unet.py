@@ -1,6 +1,7 @@
-"""MedLoRD baseline: MONAI's DiffusionModelUNet as the denoiser and MONAI's
-ControlNet for mask conditioning, behind the same call signature as the DiTs
-so one trainer and one sampler serve all three published systems.
+"""MedLoRD baseline: MONAI's DiffusionModelUNet as the denoiser and, for mask
+conditioning, MONAI's ControlNet or MedLoRD's lightweight one (models/controlnet.py),
+behind the same call signature as the DiTs so one trainer and one sampler serve
+all three published systems.
 
     UNetDenoiser(cfg)(x, t)                 x (B, C, D, H, W) latents, t (B,)
     ControlledUNet(base, ...)(x, t, mask)   mask (B, K, D*f, H*f, W*f), f = mask_downsample
@@ -95,35 +96,79 @@ class UNetDenoiser(nn.Module):
 
 
 class ControlledUNet(nn.Module):
-    """Frozen base U-Net + a trainable MONAI ControlNet fed by a mask.
+    """Frozen base U-Net + a trainable ControlNet fed by a mask.
+
+    variant: "monai" (MONAI's ControlNet, a full copy of the U-Net encoder that
+    starts from its weights) or "lightweight" (MedLoRD's, models/controlnet.py:
+    r x the U-Net's widths, a mask stem with initial_stride, zero 1x1
+    projections; trained from scratch). r, initial_stride, transformer_attention,
+    num_head_channels and norm_num_groups configure the lightweight one only
+    (defaults: the published controlnet_new.yaml, heads and groups the U-Net's).
 
     mask_downsample: how many times larger the mask is than the latent per axis
     (4 for a ds4 autoencoder with masks at image resolution); the ControlNet's
     conditioning embedder downsamples by that much. Whole-mask dropout per sample
     (condition_dropout_prob) trains the all-zero null condition used for guidance.
+    ``options`` holds every setting resolved, for model.json.
     """
+
+    VARIANTS = ("monai", "lightweight")
 
     def __init__(self, base: UNetDenoiser, mask_channels: int, mask_downsample: int = 4,
                  embedding_channels: Optional[tuple] = None, condition_dropout_prob: float = 0.1,
-                 conditioning_scale: float = 1.0):
+                 conditioning_scale: float = 1.0, variant: str = "monai", r: Optional[float] = None,
+                 initial_stride: Optional[int] = None, transformer_attention: Optional[bool] = None,
+                 num_head_channels: Optional[tuple] = None, norm_num_groups: Optional[int] = None):
         super().__init__()
+        if variant not in self.VARIANTS:
+            raise ValueError(f"ControlNet variant {variant!r}: choose one of {', '.join(self.VARIANTS)}")
+        lightweight_only = dict(r=r, initial_stride=initial_stride, transformer_attention=transformer_attention,
+                                num_head_channels=num_head_channels, norm_num_groups=norm_num_groups)
         steps = int(round(math.log2(mask_downsample)))
-        if 2 ** steps != mask_downsample:
+        if mask_downsample < 1 or 2 ** steps != mask_downsample:
             raise ValueError(f"mask_downsample must be a power of two, got {mask_downsample}")
-        if embedding_channels is None:
-            embedding_channels = tuple(16 * 2 ** i for i in range(steps + 1))
-        if len(embedding_channels) != steps + 1:
-            raise ValueError(f"embedding_channels needs {steps + 1} entries for a {mask_downsample}x mask")
         self.base = base
         self.mask_channels = mask_channels
         self.mask_downsample = mask_downsample
         self.condition_dropout_prob = condition_dropout_prob
         self.conditioning_scale = conditioning_scale
-        self.controlnet = ControlNet(conditioning_embedding_in_channels=mask_channels,
-                                     conditioning_embedding_num_channels=tuple(embedding_channels),
-                                     **base.config.monai_kwargs())
-        # Start from the base U-Net's encoder weights, as ControlNet training does.
-        self.controlnet.load_state_dict(base.unet.state_dict(), strict=False)
+        self.variant = variant
+        if variant == "monai":
+            given = [k for k, v in lightweight_only.items() if v is not None]
+            if given:
+                raise ValueError(f"ControlNet {', '.join(given)}: settings of variant 'lightweight', not 'monai'")
+            if embedding_channels is None:
+                embedding_channels = tuple(16 * 2 ** i for i in range(steps + 1))
+            if len(embedding_channels) != steps + 1:
+                raise ValueError(f"embedding_channels needs {steps + 1} entries for a {mask_downsample}x mask")
+            self.controlnet = ControlNet(conditioning_embedding_in_channels=mask_channels,
+                                         conditioning_embedding_num_channels=tuple(embedding_channels),
+                                         **base.config.monai_kwargs())
+            # Start from the base U-Net's encoder weights, as ControlNet training does.
+            self.controlnet.load_state_dict(base.unet.state_dict(), strict=False)
+            extra = {}
+        else:
+            from medgen_rt.models import controlnet as light
+
+            cfg = base.config
+            initial_stride = light.PUBLISHED_INITIAL_STRIDE if initial_stride is None else int(initial_stride)
+            if embedding_channels is None:
+                embedding_channels = light.default_embedding_channels(mask_downsample, initial_stride)
+            factor = light.embedding_downsample(embedding_channels, initial_stride)
+            if factor != mask_downsample:
+                raise ValueError(f"ControlNet mask stem: initial_stride {initial_stride} and {len(embedding_channels)} "
+                                 f"embedding_channels shrink masks {factor}x, mask_downsample is {mask_downsample}")
+            extra = dict(r=float(light.PUBLISHED_R if r is None else r), initial_stride=initial_stride,
+                         transformer_attention=True if transformer_attention is None else bool(transformer_attention),
+                         num_head_channels=[int(h) for h in (num_head_channels or cfg.num_head_channels)],
+                         norm_num_groups=int(norm_num_groups or cfg.norm_num_groups))
+            self.controlnet = light.LightweightControlNet(
+                cfg.spatial_dims, cfg.in_channels, cfg.channels, cfg.num_res_blocks, cfg.attention_levels,
+                mask_channels=mask_channels, embedding_channels=tuple(embedding_channels), **extra)
+        self.options = {"variant": variant, "mask_channels": mask_channels, "mask_downsample": mask_downsample,
+                        "embedding_channels": [int(c) for c in embedding_channels],
+                        "condition_dropout_prob": condition_dropout_prob, "conditioning_scale": conditioning_scale,
+                        **extra}
         for p in self.base.parameters():
             p.requires_grad_(False)
 
@@ -144,6 +189,5 @@ class ControlledUNet(nn.Module):
             t = t.expand(x.shape[0])
         if self.training:
             mask = drop_whole_masks(mask, self.condition_dropout_prob)
-        down, mid = self.controlnet(x, t, controlnet_cond=mask.to(x.dtype),
-                                    conditioning_scale=self.conditioning_scale)
+        down, mid = self.controlnet(x, t, mask.to(x.dtype), conditioning_scale=self.conditioning_scale)
         return self.base(x, t, down_residuals=down, mid_residual=mid)

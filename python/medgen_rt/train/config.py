@@ -4,7 +4,8 @@ path to a YAML file), one file per system with a section per stage:
     name, modality (cmr | ct), data: {...}
     vae:     {model: PRESET, model_overrides: {...}, loss: {...}, train: {...}}
     dit:     {model: PRESET, model_overrides: {...}, diffusion: {...}, train: {...}}
-    control: {kind: tgca | controlnet, mask_labels: [...], ..., train: {...}}
+    control: {mask_labels: [...], tgca: {...} (dit base) | controlnet: {variant: monai | lightweight, ...}
+              (unet base; see medgen_rt.models.unet.ControlledUNet), train: {...}}
     unet:    {model: PRESET, model_overrides: {...}, diffusion: {...}, train: {...}}
 
 `train` holds medgen_rt.train.loop.TrainSettings fields.

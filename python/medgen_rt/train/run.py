@@ -16,7 +16,6 @@ from medgen_rt.train.distributed import broadcast_modules, init_distributed, shu
 from medgen_rt.train.loop import Trainer, TrainSettings
 
 log = logging.getLogger("medgen_rt.train")
-from medgen_rt.cli.train import STAGES as KINDS  # noqa: E402 - the CLI owns the arguments
 
 
 def _settings(section: dict, args, where: str) -> TrainSettings:
@@ -117,6 +116,8 @@ def _control_task(args, cfg, device, where):
             "latent_shape": base_info["latent_shape"], "vae_run": base_info.get("vae_run"),
             "modality": cfg["modality"], "geometry": base_info.get("geometry")}
     model = build_model(info, base=base)
+    if kind == "controlnet":  # every setting resolved (variant defaults included), so the run rebuilds as trained
+        info["config"] = dict(model.options)
     from medgen_rt.train.tasks import DiffusionSettings
 
     return DenoiserTask(model, train, val, DiffusionSettings(**base_info["diffusion"]), device, info,
