@@ -78,13 +78,13 @@ def band_pass_in_plane(t: torch.Tensor, sigmas) -> torch.Tensor:
     return gaussian_blur(t, (fine, fine, 0)) - gaussian_blur(t, (coarse, coarse, 0))
 
 
-def _as_batch(a: np.ndarray) -> torch.Tensor:
+def as_batch(a: np.ndarray) -> torch.Tensor:
     """(X, Y, Z) -> (1, 1, X, Y, Z); cine (X, Y, Z, T) -> (T, 1, X, Y, Z): frames as a batch."""
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     return t[None, None] if a.ndim == 3 else t.permute(3, 0, 1, 2)[:, None]
 
 
-def _from_batch(t: torch.Tensor, ndim: int) -> np.ndarray:
+def from_batch(t: torch.Tensor, ndim: int) -> np.ndarray:
     return (t[0, 0] if ndim == 3 else t[:, 0].permute(1, 2, 3, 0)).contiguous().numpy()
 
 
@@ -135,9 +135,9 @@ def degrade(volume: np.ndarray, kind: str, strength: float, rng: np.random.Gener
         n = n if rng.random() < 0.5 else -n
         idx = np.clip(np.arange(a.shape[axis]) - n, 0, a.shape[axis] - 1)
         return np.take(a, idx, axis=axis).copy()
-    t = _as_batch(a)
+    t = as_batch(a)
     if kind == "smooth":
         t = gaussian_blur(t, (s, s, s))
     else:  # deform
         t = _warp(t, _displacement(a.shape[:3], s, rng))
-    return _from_batch(t, a.ndim).astype(np.float32)
+    return from_batch(t, a.ndim).astype(np.float32)

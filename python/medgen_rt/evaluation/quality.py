@@ -45,7 +45,8 @@ def _scan(s: EvalSet, quiet: bool, keep: int, lv_label: int, grid: tuple, segmen
         for k in out["interslice"]:
             out["interslice"][k].append(st[k])
         if s.is_cine:
-            out["temporal"].append({"name": item["name"], **{k: v for k, v in M.temporal(v01).items() if k != "steps"}})
+            out["temporal"].append({"name": item["name"], **{k: v for k, v in M.temporal(v01, M.TEMPORAL_DENOISE_SIGMA).items()
+                                                                    if k != "steps"}})
             labels4d = item["mask"] if item["mask"] is not None and item["mask"].ndim == 4 else None
             if segmenter is not None and item["labels"] is None and labels4d is None:
                 labels4d = segmenter(item["image"], item["affine"])
@@ -200,7 +201,10 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
         tr = {k: np.array([t[k] for t in scan_r["temporal"]]) for k in ("step_mean", "closure", "closure_ratio")}
         ts = {k: np.array([t[k] for t in scan_s["temporal"]]) for k in ("step_mean", "closure", "closure_ratio")}
         report["temporal"] = {k: _compare(tr[k], ts[k]) for k in tr}
-        report["temporal"]["definition"] = ("frame-to-frame change = mean |F_t+1 - F_t| (intensities in [0, 1]) "
+        report["temporal"]["definition"] = ("frame-to-frame change = mean |F_t+1 - F_t| (intensities in [0, 1], "
+                                            f"each frame through an in-plane Gaussian of sigma "
+                                            f"{M.TEMPORAL_DENOISE_SIGMA:g} voxel first, so voxel noise does not "
+                                            "count as motion) "
                                             "averaged over the cycle; closure = mean |F_T-1 - F_0| (last frame "
                                             "vs first); closure_ratio = closure / mean step, about 1 when the "
                                             "cycle closes smoothly")
