@@ -94,10 +94,13 @@ def test_planted_copies_are_found(screened):
     # each planted copy is matched to the subject it was copied from
     assert all(s["nearest_train"] == "ct_" + s["name"].split("_")[1] for s in planted if s["is_copy"])
     assert rep["copy_share"] == pytest.approx(rep["n_copies"] / len(rep["synthetic"]))
-    # the threshold rule: 5% of the training volumes (the 95th percentile of 40: 2) have a nearest
-    # validation volume above one of the two signals' thresholds
-    thr = rep["thresholds"]
+    # the memorisation rule: 5% of the training volumes (the 95th percentile of 40: 2) have a
+    # nearest validation volume above one of the two signals' thresholds
+    thr = rep["memorized_thresholds"]
     assert sum(t["r_val"] > thr["encoder"] or t["r_val_image"] > thr["image"] for t in rep["train"]) == 2
+    # the copy rule's new subjects are searched against the training set, as the samples are:
+    # the 40 validation volumes and each of the 40 training volumes against the other 39
+    assert rep["distributions"]["new_subject_to_nearest_train"]["n"] == N_TRAIN + N_VAL
     memorized = {t["name"] for t in rep["train"] if t["is_memorized"]}
     assert {f"ct_{k:03d}" for k in range(1, N_PLANTED + 1)} <= memorized
     assert rep["memorized_share"] == pytest.approx(len(memorized) / N_TRAIN)

@@ -15,11 +15,19 @@ Two signals per volume, each compared by Pearson correlation with every training
   what the encoder is for. Together they need a shorter encoder training than the encoder
   alone for the same recall (bench/copy_screen.py).
 
-Threshold (the published rule, for two signals): for each signal, the Fisher z of every
-training volume's correlation with its nearest validation volume is standardised by that
-signal's mean and std over the training volumes; a volume's **score** is the larger of its two
-standardised values, and the threshold is the 95th percentile of the training volumes'
-scores (estimated so that a new subject exceeds it 5% of the time, :func:`copy_threshold`).
+Threshold (the published rule's shape, for two signals): for each signal, the Fisher z of the
+correlations of new subjects with the set they are searched against is standardised by that
+signal's mean and std; a volume's **score** is the larger of its two standardised values, and
+the threshold is the 95th percentile of those scores (estimated so that a new subject exceeds it
+5% of the time, :func:`copy_threshold`). The new subjects must be searched against a set of
+the size the screened volumes are searched against, since the best of more volumes correlates
+higher: a synthetic volume is searched against the training set, so the copy threshold comes
+from each validation volume's nearest training volume and each training volume's nearest
+*other* training volume (:func:`copy_null`). The published rule (each training volume's
+nearest validation volume) searched only the validation set: with 16 validation and 400
+training cine phantoms it flagged 4 of 8 fresh phantoms as copies. Memorisation (a training
+volume's nearest synthetic volume) keeps the published rule, whose search set - the
+validation set - is about the synthetic set's size.
 In r units each signal gets its own threshold, at the same number of standard
 deviations above new subjects; a volume is a **copy** when either nearest-training correlation
 exceeds its signal's threshold, and a training volume is **memorised** when either
@@ -36,7 +44,7 @@ import torch
 
 from .metrics import describe
 
-__all__ = ["pearson_rows", "nearest_neighbours", "copy_threshold", "nn_realism", "screen_embeddings",
+__all__ = ["pearson_rows", "nearest_neighbours", "copy_threshold", "copy_null", "nn_realism", "screen_embeddings",
            "screen_signals", "image_rows", "screen_sets", "calibrate", "SIGNALS"]
 
 PERCENTILE = 95.0
@@ -165,27 +173,42 @@ class Rule:
         return {k: np.asarray(r_by_signal[k]) > t for k, t in self.thresholds.items()}
 
 
+def copy_null(train: dict, val: dict, chunk: int = 4096) -> dict:
+    """{signal: r} of new subjects searched against the training set, the reference of the copy
+    threshold: each validation volume's best r with a training volume, then each training
+    volume's best r with another training volume (a new subject to the rest)."""
+    return {k: np.concatenate([nearest_neighbours(val[k], train[k], chunk)[1],
+                               nearest_neighbours(train[k], train[k], chunk, exclude_self=True)[1]])
+            for k in train}
+
+
 def screen_signals(train: dict, val: dict, synthetic: dict, percentile: float = PERCENTILE,
                    chunk: int = 4096) -> dict:
     """Copies and memorised volumes from one or more signals: {signal: (N, D) rows} for each set.
 
-    Returns dict(thresholds {signal: r}, rule (:class:`Rule`), is_copy, is_memorized,
-    n_copies, copy_share, n_memorized, memorized_share, per_signal {signal: {train_val,
-    synthetic_train, train_synthetic: (nearest index, r)}}, decider: the signal of each synthetic
-    volume with the larger standardised score (whose nearest training volume is reported), scores:
-    each synthetic volume's combined score (the threshold is ``rule.limit``)).
+    Returns dict(thresholds {signal: r}, rule (:class:`Rule` of copies, fitted on
+    :func:`copy_null`), memorized_rule (fitted on train -> nearest validation), is_copy,
+    is_memorized, n_copies, copy_share, n_memorized, memorized_share, per_signal {signal:
+    {train_val, synthetic_train, train_synthetic: (nearest index, r), copy_null: r}}, decider:
+    the signal of each synthetic volume with the larger standardised score (whose nearest
+    training volume is reported), scores: each synthetic volume's combined score (the threshold
+    is ``rule.limit``)).
     """
     names = list(train)
+    null = copy_null(train, val, chunk)
     per = {k: {"train_val": nearest_neighbours(train[k], val[k], chunk),
                "synthetic_train": nearest_neighbours(synthetic[k], train[k], chunk),
-               "train_synthetic": nearest_neighbours(train[k], synthetic[k], chunk)} for k in names}
-    rule = Rule({k: per[k]["train_val"][1] for k in names}, percentile)
+               "train_synthetic": nearest_neighbours(train[k], synthetic[k], chunk), "copy_null": null[k]}
+           for k in names}
+    rule = Rule(null, percentile)
+    mem_rule = Rule({k: per[k]["train_val"][1] for k in names}, percentile)
     st = {k: per[k]["synthetic_train"][1] for k in names}
     ts = {k: per[k]["train_synthetic"][1] for k in names}
     is_copy = np.any(list(rule.flags(st).values()), axis=0)
-    is_mem = np.any(list(rule.flags(ts).values()), axis=0)
+    is_mem = np.any(list(mem_rule.flags(ts).values()), axis=0)
     z = rule.standardised(st)
-    return {"thresholds": rule.thresholds, "rule": rule, "percentile": float(percentile), "is_copy": is_copy,
+    return {"thresholds": rule.thresholds, "rule": rule, "memorized_rule": mem_rule,
+            "memorized_thresholds": mem_rule.thresholds, "percentile": float(percentile), "is_copy": is_copy,
             "is_memorized": is_mem, "n_copies": int(is_copy.sum()), "copy_share": float(is_copy.mean()),
             "n_memorized": int(is_mem.sum()), "memorized_share": float(is_mem.mean()), "per_signal": per,
             "decider": [names[i] for i in z.argmax(axis=0)], "scores": z.max(axis=0)}
@@ -251,7 +274,8 @@ def calibrate(model, train_set, val_set, train_sig: dict, val_sig: dict, mean_im
 
     names = list(train_sig)
     strengths = strengths or STRENGTHS
-    rule = Rule({k: nearest_neighbours(train_sig[k], val_sig[k])[1] for k in names}, percentile)
+    null = copy_null(train_sig, val_sig)
+    rule = Rule(null, percentile)
     kinds = kinds_for(train_set.is_cine)
     n_src = max(1, min(int(n_sources), len(train_set)))
     sources = sorted({int(round(v)) for v in np.linspace(0, len(train_set) - 1, n_src)})
@@ -277,14 +301,14 @@ def calibrate(model, train_set, val_set, train_sig: dict, val_sig: dict, mean_im
     rows = [{"kind": k, "strength": st, "degradation": describe(k, st), "n": len(v),
              "recall": float(np.mean([f for f, _, _ in v])), "matched": float(np.mean([f and m for f, m, _ in v])),
              "min_r": float(min(r for _, _, r in v))} for (k, st), v in groups.items()]
-    # leave-one-out false positives among the validation volumes
-    full = {k: pearson_rows(train_sig[k]) @ pearson_rows(val_sig[k]).T for k in names}  # (train, val)
-    nv = full[names[0]].shape[1]
+    # leave-one-out false positives among the validation volumes (the null's first nv entries
+    # are theirs: validation -> nearest training)
+    nv = len(val_sig[names[0]])
     fp = 0
     for v in range(nv):
-        keep = np.arange(nv) != v
-        loo = Rule({k: full[k][:, keep].max(axis=1) for k in names}, percentile) if nv > 1 else rule
-        fp += bool(any(loo.flags({k: np.array([full[k][:, v].max()]) for k in names})[k][0] for k in names))
+        keep = np.arange(len(null[names[0]])) != v
+        loo = Rule({k: null[k][keep] for k in names}, percentile)
+        fp += bool(any(loo.flags({k: null[k][v:v + 1] for k in names})[k][0] for k in names))
     return {"rows": rows, "n_fresh": nv, "n_fresh_flagged": fp, "false_positive_rate": fp / nv if nv else float("nan"),
             "sources": len(sources), "thresholds": rule.thresholds,
             "fresh_rule": "each validation volume screened against the training set with the threshold refitted "
@@ -333,7 +357,7 @@ def screen_sets(train_set, val_set, synthetic_set, encoder=None, cfg=None, quiet
     st = {k: per[k]["synthetic_train"] for k in SIGNALS}
     ts = {k: per[k]["train_synthetic"] for k in SIGNALS}
     flags_st = s["rule"].flags({k: st[k][1] for k in SIGNALS})
-    z_ts = s["rule"].standardised({k: ts[k][1] for k in SIGNALS})
+    z_ts = s["memorized_rule"].standardised({k: ts[k][1] for k in SIGNALS})
     ts_by = [SIGNALS[i] for i in z_ts.argmax(axis=0)]
     size = list(cfg.size)
     if cfg.kind == "volume":
@@ -344,10 +368,11 @@ def screen_sets(train_set, val_set, synthetic_set, encoder=None, cfg=None, quiet
                           f"frames evenly spaced over the cycle from the first stored frame, each resampled to {size}; "
                           "standardised")
     notes = []
-    if not 0.5 <= len(val_set) / len(train_set) <= 2.0:
-        notes.append(f"--val has {len(val_set)} volumes and --train {len(train_set)}: the threshold is calibrated for "
-                     "sets of about equal size (the nearest of more volumes correlates higher), so expect more or "
-                     "fewer than 5% of new subjects above it")
+    if not 0.5 <= len(val_set) / max(1, len(synthetic_set)) <= 2.0:
+        notes.append(f"--val has {len(val_set)} volumes and --synthetic {len(synthetic_set)}: the memorisation "
+                     "threshold (training -> nearest validation volume) is calibrated for sets of about equal size "
+                     "(the nearest of more volumes correlates higher), so expect more or fewer than 5% of training "
+                     "volumes above it by chance")
     if len(train_set) < 20:
         notes.append(f"only {len(train_set)} training volumes: the 95th percentile of so few correlations is a rough "
                      "estimate")
@@ -363,10 +388,13 @@ def screen_sets(train_set, val_set, synthetic_set, encoder=None, cfg=None, quiet
         "threshold": s["thresholds"]["encoder"],
         "thresholds": dict(s["thresholds"]),
         "score_threshold": s["rule"].limit,
-        "threshold_rule": (f"per signal, Fisher z of each training volume's Pearson r with its nearest validation "
-                           f"volume, standardised over the training volumes; {percentile:g}th percentile ((n + 1) p-th "
-                           "order statistic, interpolated) of the larger of the two, turned back into an r threshold "
-                           "per signal; a volume above either threshold is a copy"),
+        "threshold_rule": (f"per signal, Fisher z of new subjects' Pearson r with their nearest training volume "
+                           "(each validation volume's, and each training volume's with the other training volumes), "
+                           f"standardised; {percentile:g}th percentile ((n + 1) p-th order statistic, interpolated) "
+                           "of the larger of the two, turned back into an r threshold per signal; a volume above "
+                           "either threshold is a copy. Memorised: the same rule on each training volume's r with its "
+                           "nearest validation volume (the published rule), applied to its nearest synthetic volume"),
+        "memorized_thresholds": dict(s["memorized_thresholds"]),
         "signals": {"encoder": "Pearson r between the encoder's embeddings (the published method)",
                     "image": ("Pearson r between the encoder's input grids, each slice band-passed (in-plane "
                               f"difference of Gaussians, sigmas {IMAGE_BAND_SIGMAS[0]:g} and {IMAGE_BAND_SIGMAS[1]:g} "
@@ -395,8 +423,10 @@ def screen_sets(train_set, val_set, synthetic_set, encoder=None, cfg=None, quiet
                     "steps": hist.get("steps"), "stopped": hist.get("stopped"),
                     **({"saved_to": info["saved_to"]} if "saved_to" in info else {}), "config": cfg.to_dict()},
         "distributions": {"train_to_nearest_val": describe(tv_r), "synthetic_to_nearest_train": describe(st["encoder"][1]),
+                          "new_subject_to_nearest_train": describe(per["encoder"]["copy_null"]),
                           "train_to_nearest_synthetic": describe(ts["encoder"][1]),
                           "image": {"train_to_nearest_val": describe(tv_ri),
+                                    "new_subject_to_nearest_train": describe(per["image"]["copy_null"]),
                                     "synthetic_to_nearest_train": describe(st["image"][1])}},
         "synthetic": [{"name": sn[i], "nearest_train": tn[int(st[s["decider"][i]][0][i])], "r": float(st["encoder"][1][i]),
                        "r_image": float(st["image"][1][i]),

@@ -10,8 +10,8 @@ the decoder's own blur counts against neither side:
   validation volumes' own leave-one-out figure (``evaluation.memorization.nn_realism``);
   about 1 when samples sit as close to the population as new subjects do;
 * copy rate: the share of samples whose nearest training volume correlates above the
-  threshold of ``medgen eval memorization`` (95th percentile of the training volumes'
-  nearest-validation r). The rule is the same; the embedding here is the downsampled
+  threshold of ``medgen eval memorization`` (95th percentile of new subjects' nearest-training
+  r, ``evaluation.memorization.copy_null``). The rule is the same; the embedding here is the downsampled
   image itself, not the contrastive encoder, which would cost minutes per interval;
 * mmd2: unbiased MMD^2 between samples and validation volumes (0 for the same population).
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from medgen_rt import diffusion as D
-from medgen_rt.evaluation.memorization import copy_threshold, nearest_neighbours, nn_realism
+from medgen_rt.evaluation.memorization import copy_null, copy_threshold, nearest_neighbours, nn_realism
 from medgen_rt.evaluation.metrics import mmd_rbf, realism_grid, realism_row
 
 
@@ -59,8 +59,8 @@ class SampleMonitor:
         picks = np.linspace(0, len(task.train_set) - 1, min(n_train_refs, len(task.train_set))).round().astype(int)
         self.train_rows = np.stack([self._reference_row(task.train_set, int(i)) for i in np.unique(picks)])
         self.val_rows = np.stack([self._reference_row(task.val_set, i) for i in range(len(task.val_set))])
-        _, train_val_r = nearest_neighbours(self.train_rows, self.val_rows)
-        self.threshold = copy_threshold(train_val_r)
+        # new subjects searched against the training references, as the samples are
+        self.threshold = copy_threshold(copy_null({"image": self.train_rows}, {"image": self.val_rows})["image"])
         # conditioning maps for control adapters: the validation subjects' maps, in turn
         self.masks = self.label_maps = None
         if task.conditional:
