@@ -36,6 +36,10 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds an earlier run's samples: remove them (sample_NNN.*, summary.json) first; "
                         "without it such a folder is refused")
+    p.add_argument("--cache", type=float, metavar="THRESHOLD",
+                   help="step caching (DiT/TGCA models, torch engine): a transformer block whose modulated input "
+                        "changed by less than THRESHOLD (relative L1, e.g. 0.05) since its last evaluation reuses "
+                        "that evaluation's residual; 0 gives the uncached result; the sidecar counts skipped blocks")
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="onnx: run a `medgen export onnx` folder with onnxruntime, without PyTorch")
@@ -73,7 +77,7 @@ def run(args) -> int:
                          guidance=args.guidance, masks=args.masks, device=device, out=folder, eta=args.eta,
                          max_vram=args.max_vram, energy=not args.no_energy, country=args.country,
                          quiet=args.quiet or rank > 0, indices=range(rank, args.n, world),
-                         unconditional=args.unconditional)
+                         unconditional=args.unconditional, cache=args.cache)
         metadata = [dict(r["metadata"], files=r["files"], rank=rank) for r in results]
         if world > 1:
             import torch.distributed as dist
@@ -116,6 +120,9 @@ def _run_onnx(args) -> int:
         raise ValueError("--max-vram plans the torch runtime; the onnx engine decodes with fixed tiles")
     if args.unconditional:
         raise ValueError("--unconditional is not in the onnx engine yet; use --engine torch")
+    if args.cache is not None:
+        raise ValueError("--cache: step caching needs the network's blocks, so it is torch-runtime only; "
+                         "use --engine torch")
     check_request(args.n, args.seed, args.steps, args.guidance, args.eta)
     engine = OnnxEngine(args.model, device=args.device)
     with _output_folder(args) as folder:

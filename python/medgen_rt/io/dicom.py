@@ -60,7 +60,7 @@ PRIVATE_GROUP = 0x0071
 # element offsets in the private block: what a reader looks for (the tests read them back)
 PRIVATE = {"synthetic": 0x01, "model": 0x02, "seed": 0x03, "version": 0x04, "settings": 0x05, "verdict": 0x06}
 # the sidecar keys that describe how a sample was made; nothing else reaches a DICOM tag
-SETTINGS_KEYS = ("kind", "index", "sampler", "steps", "eta", "guidance", "engine")
+SETTINGS_KEYS = ("kind", "index", "sampler", "steps", "eta", "guidance", "engine", "cache")
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORTHOGONAL_TOL = 1e-4
 

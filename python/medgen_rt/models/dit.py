@@ -177,14 +177,24 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Optional[tuple] = None,
-                control: Optional[torch.Tensor] = None) -> torch.Tensor:
+                control: Optional[torch.Tensor] = None, cache=None, index: int = 0) -> torch.Tensor:
+        """cache: a models.step_cache.StepCache, asked with this block's modulated input
+        whether the residual of an earlier step (block ``index``) can stand in for the block."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = ops.adaln_modulate(x, shift_msa, scale_msa)
         if control is not None:  # TGCA: control tokens join the attention input, gate and scale intact
             h = h + control.to(h.dtype)
+        if cache is not None:
+            residual = cache.lookup(index, h)
+            if residual is not None:
+                return x + residual
+        x_in = x
         x = self._gated_projection(x, gate_msa, self.attn.attend(h, rope), self.attn.proj, self.attn.proj_drop)
-        h = ops.adaln_modulate(x, shift_mlp, scale_mlp)
-        return self._gated_projection(x, gate_mlp, self.mlp.hidden(h), self.mlp.fc2, self.mlp.drop)
+        h2 = ops.adaln_modulate(x, shift_mlp, scale_mlp)
+        out = self._gated_projection(x, gate_mlp, self.mlp.hidden(h2), self.mlp.fc2, self.mlp.drop)
+        if cache is not None:
+            cache.store(index, h, out - x_in)
+        return out
 
     def _gated_projection(self, x, gate, h, linear: nn.Linear, dropout: nn.Dropout) -> torch.Tensor:
         """x + gate * dropout(linear(h)); without active dropout one fused op, whose GEMM
@@ -218,6 +228,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.hidden_size, math.prod(cfg.patch_size), cfg.out_channels)
         self._grid_cache: dict = {}
+        self.step_cache = None  # a StepCache while sampling with --cache (StepCache.attach), else None
         self.initialize_weights()
 
     # ---- construction -------------------------------------------------------------
@@ -280,7 +291,7 @@ class DiT(nn.Module):
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, rope, control, use_reentrant=False)
             else:
-                tokens = block(tokens, c, rope, control)
+                tokens = block(tokens, c, rope, control, self.step_cache, i)
         return tokens
 
     def head(self, tokens, c, grid) -> torch.Tensor:

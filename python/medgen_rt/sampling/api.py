@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import time
+from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -155,7 +156,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
            energy: bool = True, country: Optional[str] = None, quiet: bool = True,
            indices: Optional[list] = None, quantize: bool = True, unconditional: bool = False,
-           overwrite: bool = False, format: str = "nifti") -> list:
+           overwrite: bool = False, format: str = "nifti", cache: Optional[float] = None) -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
     volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
@@ -175,6 +176,10 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     is refused unless overwrite=True, which removes them first (see OutputFolder).
     format: what each volume is written as, "nifti", "dicom" or "nifti+dicom" (medgen_rt.io.dicom);
     an OutputFolder given as `out` carries its own.
+    cache: step caching (DiT and TGCA models, torch engine): a block whose modulated input
+    changed by less than this relative L1 since its last evaluation reuses that evaluation's
+    residual (medgen_rt.models.step_cache); 0 caches nothing and gives the uncached volumes.
+    The sidecar's "cache" holds the threshold and the block calls run and skipped.
     """
     from medgen_rt.io.dicom import parse_format
     from medgen_rt.io.outputs import OutputFolder
@@ -194,6 +199,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     if engine == "onnx":
         from medgen_rt.export.engine import OnnxEngine
 
+        if cache is not None:
+            raise ValueError("--cache: step caching needs the network's blocks, so it is torch-runtime only; "
+                             "use engine 'torch' or omit cache")
         if max_vram is not None or indices is not None:
             raise ValueError("engine 'onnx': max_vram and indices belong to the torch runtime")
         if unconditional:
@@ -205,6 +213,9 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     if engine != "torch":
         raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
     check_request(n, seed, steps, guidance, eta)
+    from medgen_rt.models.step_cache import StepCache, cached_dit
+
+    step_cache = StepCache(cache) if cache is not None else None  # a bad threshold fails before any load
     indices = list(range(n)) if indices is None else list(indices)
     denoiser_dir, vae_dir = resolve_model(model)
     dev = pick_device(device or "auto")
@@ -244,6 +255,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     net, _ = load_model(denoiser_dir)
     vae, _ = load_model(vae_dir)
     net, vae = net.eval(), vae.eval()
+    if step_cache is not None:
+        cached_dit(net)  # a U-Net is refused before any sampling
     guided = conditional and guidance is not None and guidance != 1.0
     # the whole plan first (on CUDA it measures both networks once, then only the denoiser stays on the GPU)
     plan = plan_sampling(net.to(dev), vae.to(dev), latent_shape, n=len(indices) or 1, guidance=guided,
@@ -278,7 +291,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             cond = torch.stack([mask_items[i][1] for i in group]).to(dev)
             null = torch.zeros_like(cond)
         t0 = time.perf_counter()
-        with meter.phase("denoise"):
+        # the cache starts empty for each batch (attach resets it) and leaves the model afterwards
+        with meter.phase("denoise"), (step_cache.attach(net) if step_cache is not None else nullcontext()):
             z = D.sample(fn, noise.shape, schedule, sampler=sampler, steps=steps, eta=eta,
                          guidance_scale=guidance if conditional else None, cond=cond, null_cond=null,
                          noise=noise, step_seeds=[seed + i for i in group], device=dev,
@@ -286,6 +300,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                          prediction_type=diff.get("prediction") if objective == "ddpm" else None,
                          progress=(lambda k, total: bar.update(len(group))) if bar is not None else None)
         seconds = (time.perf_counter() - t0) / len(group)
+        # one decision per block call for the whole batch: every volume of it ran and skipped the same blocks
+        cache_stats = step_cache.stats() if step_cache is not None else None
         peak = _peak_memory(dev)
         latents = {i: (z[j:j + 1] / scale).float().cpu() for j, i in enumerate(group)}
         del z, noise, cond, null
@@ -317,7 +333,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                      "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
                      "timings_s": {"denoise": round(seconds, 3), "decode": decode_seconds},
                      mem: {"denoise": peak, "decode": _peak_memory(dev)},
-                     "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}
+                     "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine, "cache": cache_stats}
             if conditional:
                 entry["mask"] = "null condition" if unconditional else portable_path(mask_items[i][0], base)
             # a conditioned volume takes its map's geometry, so the two overlay in any viewer
