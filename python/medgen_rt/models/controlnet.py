@@ -122,7 +122,8 @@ class LightweightControlNet(nn.Module):
         # self-attention blocks: the published forward never applies their output projection, so
         # MONAI's is left out (include_fc=False); the transformer path applies both of its own
         common = dict(spatial_dims=dims, temb_channels=temb, norm_num_groups=norm_num_groups, norm_eps=1e-6,
-                      transformer_num_layers=1, cross_attention_dim=None, include_fc=transformer_attention)
+                      transformer_num_layers=1, cross_attention_dim=None, include_fc=transformer_attention,
+                      use_flash_attention=True)  # O(tokens) attention memory, as the U-Net's (models/unet.py)
         self.down_blocks = nn.ModuleList()
         conv1x1 = nn.Conv3d if dims == 3 else nn.Conv2d
         self.controlnet_down_blocks = nn.ModuleList([_zero(conv1x1(widths[0], unet_channels[0], 1))])

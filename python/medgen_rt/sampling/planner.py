@@ -5,7 +5,8 @@ Each phase's peak is modelled as ``fixed + per_unit * units`` (a MemoryCost):
 
 - denoise: fixed = weights (+ tables); unit = one token (DiT, TGCA) or one latent
   voxel (U-Net, ControlNet) of one batch element; the classifier-free guidance
-  pass doubles the batch.
+  pass doubles the batch. The sampler's own tensors come on top, per volume: the
+  latent and, for a mask-conditioned model, the mask and its null (float32).
 - decode (streamed, see medgen_rt.sampling.decode): fixed = decoder weights and
   the latent; unit = one latent plane of a chunk times the latent cross-section
   (the voxels of the other two axes).
@@ -25,12 +26,15 @@ import json
 import math
 import os
 import re
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 GIB = 2 ** 30
 # streamed decoding's transient buffers (window copies, padding, convolution workspaces, the steps
@@ -79,6 +83,7 @@ class SamplingPlan:
     decode_chunk: int  # latent planes per streaming step
     predicted_peak_bytes: dict = field(default_factory=dict)  # phase -> bytes
     costs: dict = field(default_factory=dict)  # phase -> MemoryCost as dict
+    sampler_bytes: int = 0  # the sampler's own tensors in the denoise peak (latents, masks), all volumes
 
     @property
     def predicted_peak_gb(self) -> dict:
@@ -91,6 +96,22 @@ class SamplingPlan:
         d["planned_tensor_peak_bytes"] = d.pop("predicted_peak_bytes")
         d["planned_tensor_peak_gb"] = self.predicted_peak_gb
         return d
+
+    def describe(self) -> str:
+        """The plan in a few lines, each phase's peak split into its parts."""
+        gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        limit = gib(self.max_vram_bytes) if self.max_vram_bytes else "no max_vram"
+        denoise, decode = self.costs["denoise"], self.costs["decode"]
+        activations = self.predicted_peak_bytes["denoise"] - denoise["fixed"] - self.sampler_bytes
+        planes = decode["per_unit"] * self.decode_chunk
+        return "\n".join([
+            f"plan for {self.device}, max_vram {limit}: denoiser {self.denoiser_dtype}, batch {self.batch}; "
+            f"decode along axis {self.decode_axis}, {self.decode_chunk} latent plane(s) per step",
+            f"  denoise {gib(self.predicted_peak_bytes['denoise'])} = weights {gib(denoise['fixed'])} + activations "
+            f"{gib(activations)} + the sampler's latents and masks {gib(self.sampler_bytes)} [{denoise['source']}]",
+            f"  decode  {gib(self.predicted_peak_bytes['decode'])} = weights and latent "
+            f"{gib(self.predicted_peak_bytes['decode'] - planes)} + {self.decode_chunk} plane(s) {gib(planes)} "
+            f"[{decode['source']}]"])
 
 
 # ---- analytic costs ---------------------------------------------------------------------------
@@ -119,13 +140,65 @@ def denoiser_units(net: nn.Module, latent_shape: Sequence[int]) -> int:
     return math.prod(spatial)
 
 
+class _LiveTensors(TorchDispatchMode):
+    """Counts the bytes of the tensors a forward makes that are alive at once, as an allocator
+    holds them: a new storage counts from the op that makes it until its last reference goes
+    (views and in-place results share an input's storage and are not counted again). Tensors
+    made before (weights, inputs) are not counted, nor workspaces inside a kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self._counted = set()
+
+    def _free(self, key, nbytes):
+        self._counted.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()  # one Python object per storage while it lives
+            key = id(storage)
+            if key in inputs or key in self._counted:
+                continue
+            nbytes = storage.nbytes()
+            self._counted.add(key)
+            self.live += nbytes
+            self.largest = max(self.largest, nbytes)
+            weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def denoiser_inputs(net: nn.Module, latent_channels: int, spatial: Sequence[int], device, dtype) -> tuple:
+    """Zero inputs of one denoiser call at batch 1: (x, t) and, for a mask-conditioned U-Net
+    (ControlledUNet), the mask at mask_downsample x the latent's size."""
+    x = torch.zeros((1, latent_channels, *spatial), device=device, dtype=dtype)
+    t = torch.zeros(1, device=device)
+    factor = getattr(net, "mask_downsample", None)
+    if factor is None:
+        return x, t
+    return x, t, torch.zeros((1, net.mask_channels, *(s * factor for s in spatial)), device=device, dtype=dtype)
+
+
 def analytic_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: torch.dtype) -> MemoryCost:
     """Inference without gradients holds one block's activations at a time. A DiT block
     holds per token: the residual stream and its modulated copy (2h), qkv (3h), the
     attention output and projection (2h) and the MLP hidden before and after GELU
     (2 * mlp_ratio * h); attention itself is flash/memory-efficient (O(N)). TGCA adds
-    its adapter's tokens. Other denoisers (the MONAI U-Net) are bounded from above by
-    a probe: the sum of every layer's output at a small size, per latent voxel."""
+    its adapter's tokens.
+
+    A U-Net (with or without a ControlNet) is probed: the tensors alive at once during a
+    no-grad forward at a quarter of the latent's size per axis (_LiveTensors), per latent
+    voxel. That is what its forward keeps at its peak: the skip connections held for the
+    decoder, a ControlNet's residuals (and its mask stem's features while it runs), and the
+    largest layer's input and output. One more of the largest tensor stands for a kernel's
+    workspace (cuDNN). Every term grows with the voxels: attention runs through torch's
+    scaled_dot_product_attention (models/unet.py), O(tokens), not an explicit matrix."""
     e = torch.finfo(dtype).bits // 8
     weights = _param_bytes(net, e)
     dit = _dit_of(net)
@@ -137,29 +210,17 @@ def analytic_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: to
         if dit is not net:  # TGCA: the mask encoder's tokens and one control per injected layer
             per_token += 2 * h * e
         return MemoryCost(fixed=weights, per_unit=per_token, unit="token", source="analytic")
-    # a mask-conditioned U-Net (ControlledUNet) is probed through its base U-Net; the
-    # ControlNet, a copy of the encoder half, at most doubles the activations
-    probe_net, scale = (net.base, 2.0) if isinstance(getattr(net, "base", None), nn.Module) else (net, 1.0)
-    f = getattr(probe_net, "downsample_factor", 1)
+    unet = net.base if isinstance(getattr(net, "base", None), nn.Module) else net
+    f = getattr(unet, "downsample_factor", 1)
     probe_spatial = tuple(-(-max(8, s // 4) // f) * f for s in latent_shape[1:])
-    total = 0
-
-    def count(_module, _inputs, output):
-        nonlocal total
-        if torch.is_tensor(output):
-            total += output.numel()
-
-    handles = [m.register_forward_hook(count) for m in probe_net.modules() if not list(m.children())]
-    try:
-        device = next(probe_net.parameters()).device
-        x = torch.zeros((1, latent_shape[0]) + probe_spatial, device=device)
-        with torch.no_grad():
-            probe_net(x, torch.zeros(1, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return MemoryCost(fixed=weights, per_unit=scale * total * e / math.prod(probe_spatial), unit="latent voxel",
-                      source="analytic (upper bound: every layer output kept)")
+    param = next(net.parameters())
+    inputs = denoiser_inputs(net, latent_shape[0], probe_spatial, param.device, param.dtype)
+    with torch.no_grad(), _LiveTensors() as live:
+        net(*inputs)
+    # the probe ran in the weights' dtype; the plan's dtype scales every activation
+    per_voxel = (live.peak + live.largest) / math.prod(probe_spatial) * e / param.element_size()
+    return MemoryCost(fixed=weights, per_unit=per_voxel, unit="latent voxel",
+                      source="analytic (live tensors of a probe forward)")
 
 
 def analytic_decode_cost(vae: nn.Module, latent_spatial: Sequence[int], axis: int,
@@ -266,9 +327,11 @@ def measure_decode_cost(vae: nn.Module, latent_spatial: Sequence[int], axis: int
 def measure_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: torch.dtype,
                          call) -> MemoryCost:
     """Peak CUDA memory of one denoiser call at two probe sizes, fitted per unit.
-    call(x) runs the denoiser on a batch-1 latent x."""
+    call(*inputs) runs the denoiser on denoiser_inputs (made before the peak is taken:
+    the sampler holds them)."""
     device = next(net.parameters()).device
-    key = _model_key(net, device, dtype, f"denoise|{tuple(latent_shape)}")
+    # v2: a ControlNet measured with its mask (v1 entries ran the U-Net alone)
+    key = _model_key(net, device, dtype, f"denoise-v2|{tuple(latent_shape)}")
     cached = _cached(key)
     if cached:
         return cached
@@ -276,9 +339,9 @@ def measure_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: tor
     shapes = [tuple(step), tuple(min(2 * s, full) for s, full in zip(step, latent_shape[1:]))]
     peaks, units = [], []
     for spatial in shapes:
-        x = torch.zeros((1, latent_shape[0]) + spatial, device=device)
+        inputs = denoiser_inputs(net, latent_shape[0], spatial, device, dtype)
         with torch.no_grad():
-            peaks.append(_peak_of(lambda: call(x), device))
+            peaks.append(_peak_of(lambda: call(*inputs), device))
         units.append(denoiser_units(net, (latent_shape[0],) + spatial))
     per_unit = max(peaks[1] - peaks[0], 1) / max(units[1] - units[0], 1)
     cost = MemoryCost(fixed=_param_bytes(net, torch.finfo(dtype).bits // 8), per_unit=per_unit,
@@ -314,6 +377,24 @@ def decoder_input_spatial(vae: nn.Module, latent_shape: Sequence[int]) -> tuple:
     return spatial
 
 
+def condition_bytes(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], guidance: bool,
+                    dtype: torch.dtype) -> int:
+    """Device bytes of one volume's mask as the sampler handles it (sampling/api.py,
+    diffusion/samplers.py): the mask and its null (zeros of its shape) in float32 all along;
+    per call, with guidance the two concatenated, and the network's copy in its dtype. The
+    mask is at image resolution: MedLoRD's six labels at 512x512x256 are 1.5 GiB in float32."""
+    channels = getattr(net, "mask_channels", None)
+    if not channels:
+        return 0
+    factor = getattr(net, "mask_downsample", None)
+    factors = (factor,) * (len(latent_shape) - 1) if factor else vae.downsample_factor
+    elements = channels * math.prod(s * f for s, f in zip(latent_shape[1:], factors))
+    per_element = 2 * 4 + (2 * 4 if guidance else 0)
+    if dtype != torch.float32:
+        per_element += (2 if guidance else 1) * (torch.finfo(dtype).bits // 8)
+    return elements * per_element
+
+
 def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n: int = 1,
                   guidance: bool = False, max_vram=None, device="cpu", measure: bool = True,
                   denoiser_dtype: Optional[torch.dtype] = None) -> SamplingPlan:
@@ -330,15 +411,14 @@ def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n
     units = denoiser_units(net, latent_shape)
     measured_ok = measure and device.type == "cuda" and next(net.parameters()).device.type == "cuda"
     if measured_ok:
-        # run as sampling will: weights in the planned dtype; a mask-conditioned model
-        # without its mask (the adapter's share is small next to the blocks')
+        # run as sampling will: weights in the planned dtype; a ControlNet with its mask, TGCA
+        # without (its adapter's share is small next to the blocks')
         takes_mask = "mask" in inspect.signature(net.forward).parameters
         weights_dtype = next(net.parameters()).dtype
         net.to(dtype)
 
-        def call(x):
-            t = torch.zeros(x.shape[0], device=x.device)
-            return net(x.to(dtype), t, None) if takes_mask else net(x.to(dtype), t)
+        def call(x, t, mask=None):
+            return net(x, t, mask) if takes_mask else net(x, t)
 
         try:
             denoise_cost = measure_denoise_cost(net, latent_shape, dtype, call)
@@ -347,10 +427,11 @@ def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n
     else:
         denoise_cost = analytic_denoise_cost(net, latent_shape, dtype)
     passes = 2 if guidance else 1
-    latent_bytes = math.prod(latent_shape) * 4 * 3  # x, the model output and the update, float32
+    # the sampler's tensors per volume: x, the model output and the update (float32), the mask
+    held_bytes = math.prod(latent_shape) * 4 * 3 + condition_bytes(net, vae, latent_shape, guidance, dtype)
 
     def denoise_peak(batch):
-        return denoise_cost.bytes(units * batch * passes) + latent_bytes * batch
+        return denoise_cost.bytes(units * batch * passes) + held_bytes * batch
 
     batch = max(1, min(n, 8))
     if limit is not None:
@@ -371,7 +452,8 @@ def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n
     peaks = {"denoise": denoise_peak(batch), "decode": decode_cost.bytes(chunk) + latent_in}
     plan = SamplingPlan(device=str(device), max_vram_bytes=limit, denoiser_dtype=str(dtype).replace("torch.", ""),
                         batch=batch, decode_axis=axis, decode_chunk=chunk, predicted_peak_bytes=peaks,
-                        costs={"denoise": asdict(denoise_cost), "decode": asdict(decode_cost)})
+                        costs={"denoise": asdict(denoise_cost), "decode": asdict(decode_cost)},
+                        sampler_bytes=held_bytes * batch)
     if limit is not None:
         over = {k: round(v / GIB, 2) for k, v in peaks.items() if v > limit}
         if over:
