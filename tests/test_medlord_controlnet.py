@@ -479,9 +479,12 @@ def test_medlord_path_plans_for_24gb_and_8gb_cards(medlord_path):
     # the denoise phase is the same on both cards; only the decode's chunk shrinks
     assert plans[24].predicted_peak_bytes["denoise"] == plans[8].predicted_peak_bytes["denoise"]
     assert plans[8].decode_chunk < plans[24].decode_chunk
-    # its largest share is the six-label mask at 512x512x256 that the sampler holds (and its null), float32
+    # the six-label mask at 512x512x256 that the sampler holds, in the network's dtype (bf16); with guidance
+    # also its null and, per call, the two concatenated
     mask = 6 * 512 * 512 * 256
-    assert condition_bytes(net, vae, MEDLORD_LATENT, False, torch.bfloat16) == mask * (2 * 4 + 2)
+    assert condition_bytes(net, vae, MEDLORD_LATENT, False, torch.bfloat16) == mask * 2
+    assert condition_bytes(net, vae, MEDLORD_LATENT, True, torch.bfloat16) == mask * 2 * 4
+    assert condition_bytes(net, vae, MEDLORD_LATENT, False, torch.float32) == mask * 4
     # the networks' live activations, 2.9 kB per latent voxel (bf16): 2.8 GiB at 128x128x64
     assert 2 * GIB < plans[8].costs["denoise"]["per_unit"] * math.prod(MEDLORD_LATENT[1:]) < 4 * GIB
 

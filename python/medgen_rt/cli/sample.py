@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     # -n / --num-volumes for torchrun, which takes "--n" for an abbreviation of its own options
     p.add_argument("-n", "--n", "--num-volumes", dest="n", type=int, default=1, help="number of volumes")
     p.add_argument("--seed", type=int, default=0, help="volume i uses seed + i")
-    p.add_argument("--steps", type=int, help="denoising steps (default 50; all T for ddpm)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps (a distilled student's), else 50; all T for ddpm)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], help="default: ddim (euler for flow models)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (mask-conditioned models)")
@@ -44,6 +44,11 @@ def add_arguments(p) -> None:
     p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="onnx: run a `medgen export onnx` folder with onnxruntime, without PyTorch")
     p.add_argument("--max-vram", help="plan batch and decode chunks to fit this much GPU memory, e.g. 8GB")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the memory plan (denoiser dtype and batch, decode chunk, predicted peak per phase) "
+                        "for these options and exit: nothing is sampled or written (--out is not used; masks "
+                        "are optional); --device cuda without a GPU here plans for one of --max-vram from the layer "
+                        "shapes; torch engine only")
     p.add_argument("--country", type=country_arg,
                    help="ISO 3166 alpha-3 code for CO2 (default MEDGEN_COUNTRY_ISO or DEU)")
     p.add_argument("--no-energy", action="store_true", help="do not meter energy")
@@ -57,6 +62,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from medgen_rt.io.atomic import check_out
 
+    if args.plan_only:
+        return _run_plan(args)
     check_out(args.out)  # before any model is loaded: a folder we cannot write fails first
     if args.engine == "onnx":
         return _run_onnx(args)
@@ -91,6 +98,21 @@ def run(args) -> int:
         summary = summarize(metadata)
         write_summary(folder.path, summary)
     _print_summary(args, summary, world)
+    return 0
+
+
+def _run_plan(args) -> int:
+    """--plan-only: the plan sampling with these options would follow, printed; nothing written."""
+    if args.engine == "onnx":
+        raise ValueError("--plan-only plans the torch runtime; the onnx engine decodes with fixed tiles "
+                         "(use --engine torch)")
+    from medgen_rt.sampling.api import plan
+
+    p = plan(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+             masks=args.masks, max_vram=args.max_vram, device=args.device, eta=args.eta,
+             unconditional=args.unconditional, cache=args.cache)
+    print(f"model {args.model}, {args.n} volume(s){', guided' if args.guidance is not None else ''}")
+    print(p.describe())
     return 0
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 import time
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -190,11 +192,7 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         params = {k: v for k, v in locals().items() if k in _SAMPLE_PARAMS}
         with OutputFolder(out, overwrite=overwrite, formats=formats) as folder:
             return sample(**{**params, "out": folder})
-    from medgen_rt.models import load_model
-    from medgen_rt.runtime.device import pick_device
-    from medgen_rt.sampling.planner import plan_sampling
-    from medgen_rt.sampling.summary import (VolumeWriter, check_guidance, check_request, image_to_volume,
-                                            memory_key, portable_path)
+    from medgen_rt.sampling.summary import VolumeWriter, image_to_volume, memory_key, portable_path
 
     if engine == "onnx":
         from medgen_rt.export.engine import OnnxEngine
@@ -212,55 +210,16 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
             energy=energy, country=country, quiet=quiet, quantize=quantize)
     if engine != "torch":
         raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
-    check_request(n, seed, steps, guidance, eta)
-    from medgen_rt.models.step_cache import StepCache, cached_dit
-
-    step_cache = StepCache(cache) if cache is not None else None  # a bad threshold fails before any load
-    indices = list(range(n)) if indices is None else list(indices)
-    denoiser_dir, vae_dir = resolve_model(model)
-    dev = pick_device(device or "auto")
-    # Check the cheap things (masks, output folder) from model.json before loading any weights.
-    info = json.loads((denoiser_dir / "model.json").read_text())
-    vae_info = json.loads((vae_dir / "model.json").read_text())
-    diff = info["diffusion"]
-    objective = diff["objective"]
-    sampler = sampler or ("euler" if objective == "flow" else "ddim")
-    steps = steps or (diff["timesteps"] if sampler == "ddpm" else 50)
-    schedule = D.make_schedule(diff["schedule"], diff["timesteps"]) if objective == "ddpm" else None
-    latent_shape = tuple(info["latent_shape"])
-    scale = float(info["scale_factor"])
-    geometry = info.get("geometry") or {}
-    image_shape = tuple(geometry.get("image_shape") or ())
-    affine = np.asarray(geometry.get("affine") or np.eye(4))
-    modality = info.get("modality") or vae_info.get("modality")
-    conditional = info["kind"] in ("tgca", "controlnet")
-    check_guidance(guidance, conditional, unconditional, repr(model))
-    mask_items = None
-    if conditional:
-        if unconditional:
-            if masks is not None:
-                raise ValueError("masks and unconditional exclude each other: the null condition has no map")
-            null_map = torch.zeros((len(info.get("mask_labels") or []),) + tuple(image_shape[:3]))
-            mask_items = [(None, null_map, None, affine)] * n
-        elif masks is None:
-            raise ValueError(f"model {model!r} is mask-conditioned: pass masks (a NIfTI file or a folder), or "
-                             "sample unconditionally (--unconditional) through the null condition")
-        else:
-            mask_items = _load_masks(masks, info, n, image_shape, affine)
-    elif masks is not None:
-        raise ValueError(f"model {model!r} is not mask-conditioned; masks cannot be used")
+    prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache)
     if out is not None:
         out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
-
-    net, _ = load_model(denoiser_dir)
-    vae, _ = load_model(vae_dir)
-    net, vae = net.eval(), vae.eval()
-    if step_cache is not None:
-        cached_dit(net)  # a U-Net is refused before any sampling
-    guided = conditional and guidance is not None and guidance != 1.0
-    # the whole plan first (on CUDA it measures both networks once, then only the denoiser stays on the GPU)
-    plan = plan_sampling(net.to(dev), vae.to(dev), latent_shape, n=len(indices) or 1, guidance=guided,
-                         max_vram=max_vram, device=dev)
+    indices = list(range(n)) if indices is None else list(indices)
+    net, vae, plan = _load_and_plan(prep, len(indices) or 1, max_vram)
+    denoiser_dir, vae_dir, dev, info, diff = prep.denoiser_dir, prep.vae_dir, prep.dev, prep.info, prep.diff
+    objective, sampler, steps, schedule = prep.objective, prep.sampler, prep.steps, prep.schedule
+    latent_shape, geometry, affine, modality = prep.latent_shape, prep.geometry, prep.affine, prep.modality
+    conditional, mask_items, step_cache = prep.conditional, prep.mask_items, prep.step_cache
+    scale = float(info["scale_factor"])
     vae.to("cpu")
     dtype = getattr(torch, plan.denoiser_dtype)
     net.to(dtype)
@@ -288,8 +247,10 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                            for i in group]).to(dev)
         cond = null = None
         if conditional:
-            cond = torch.stack([mask_items[i][1] for i in group]).to(dev)
-            null = torch.zeros_like(cond)
+            # in the network's dtype (network_fn casts to it anyway: the same values, not held twice);
+            # the null condition only where a guided call needs it (planner.condition_bytes)
+            cond = torch.stack([mask_items[i][1] for i in group]).to(dev, dtype)
+            null = torch.zeros_like(cond) if prep.guided else None
         t0 = time.perf_counter()
         # the cache starts empty for each batch (attach resets it) and leaves the model afterwards
         with meter.phase("denoise"), (step_cache.attach(net) if step_cache is not None else nullcontext()):
@@ -342,6 +303,100 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     if bar is not None:
         bar.close()
     return writer.finish()
+
+
+def _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache,
+             need_masks: bool = True) -> SimpleNamespace:
+    """The checks of a torch-runtime request that need no weights (the numbers, the cache threshold,
+    the model folder and its model.json, guidance, the masks), and what sampling takes from them.
+    need_masks=False (a plan only): a mask-conditioned model may come without masks (checked if given)."""
+    from medgen_rt.models.step_cache import StepCache
+    from medgen_rt.runtime.device import pick_device
+    from medgen_rt.sampling.planner import parse_memory
+    from medgen_rt.sampling.summary import check_guidance, check_request
+
+    check_request(n, seed, steps, guidance, eta)
+    parse_memory(max_vram, "--max-vram")
+    step_cache = StepCache(cache) if cache is not None else None  # a bad threshold fails before any load
+    denoiser_dir, vae_dir = resolve_model(model)
+    dev = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    info = json.loads((denoiser_dir / "model.json").read_text())
+    vae_info = json.loads((vae_dir / "model.json").read_text())
+    diff = info["diffusion"]
+    objective = diff["objective"]
+    sampler = sampler or ("euler" if objective == "flow" else "ddim")
+    steps = steps or (diff["timesteps"] if sampler == "ddpm" else info.get("default_steps") or 50)
+    schedule = D.make_schedule(diff["schedule"], diff["timesteps"]) if objective == "ddpm" else None
+    geometry = info.get("geometry") or {}
+    image_shape = tuple(geometry.get("image_shape") or ())
+    affine = np.asarray(geometry.get("affine") or np.eye(4))
+    conditional = info["kind"] in ("tgca", "controlnet")
+    check_guidance(guidance, conditional, unconditional, repr(model))
+    mask_items = None
+    if conditional:
+        if unconditional:
+            if masks is not None:
+                raise ValueError("masks and unconditional exclude each other: the null condition has no map")
+            if need_masks:
+                null_map = torch.zeros((len(info.get("mask_labels") or []),) + tuple(image_shape[:3]))
+                mask_items = [(None, null_map, None, affine)] * n
+        elif masks is not None:
+            mask_items = _load_masks(masks, info, n, image_shape, affine)
+        elif need_masks:
+            raise ValueError(f"model {model!r} is mask-conditioned: pass masks (a NIfTI file or a folder), or "
+                             "sample unconditionally (--unconditional) through the null condition")
+    elif masks is not None:
+        raise ValueError(f"model {model!r} is not mask-conditioned; masks cannot be used")
+    return SimpleNamespace(
+        denoiser_dir=denoiser_dir, vae_dir=vae_dir, dev=dev, info=info, diff=diff, objective=objective,
+        sampler=sampler, steps=steps, schedule=schedule, latent_shape=tuple(info["latent_shape"]),
+        geometry=geometry, affine=affine, modality=info.get("modality") or vae_info.get("modality"),
+        conditional=conditional, mask_items=mask_items, step_cache=step_cache,
+        # the sampler runs the doubled (condition + null) batch for any guidance scale, 1.0 included
+        guided=conditional and guidance is not None)
+
+
+def _load_and_plan(prep: SimpleNamespace, n: int, max_vram, on=None) -> tuple:
+    """(denoiser, VQ-GAN, SamplingPlan) for n volumes of a prepared request; both networks are
+    left on `on` (default prep.dev, the device planned for; the CPU plans a GPU analytically)."""
+    from medgen_rt.models import load_model
+    from medgen_rt.models.step_cache import cached_dit
+    from medgen_rt.sampling.planner import plan_sampling
+
+    net, _ = load_model(prep.denoiser_dir)
+    vae, _ = load_model(prep.vae_dir)
+    net, vae = net.eval(), vae.eval()
+    if prep.step_cache is not None:
+        cached_dit(net)  # a U-Net is refused before any sampling
+    # the whole plan first (on CUDA it measures both networks once, then only the denoiser stays on the GPU)
+    on = prep.dev if on is None else on
+    plan = plan_sampling(net.to(on), vae.to(on), prep.latent_shape, n=n, guidance=prep.guided,
+                         max_vram=max_vram, device=prep.dev)
+    return net, vae, plan
+
+
+def plan(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[int] = None,
+         sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
+         device: Optional[str] = None, eta: float = 0.0, unconditional: bool = False,
+         cache: Optional[float] = None):
+    """The SamplingPlan (medgen_rt.sampling.planner) that `sample` with these arguments follows, made
+    without sampling or writing any volume: the same checks first, but a mask-conditioned model
+    needs no masks (the plan does not depend on them; given ones are checked). On CUDA the
+    planner's probe measurements are cached as for sampling; device "cuda[:N]" where torch sees
+    no GPU plans for one of max_vram analytically, the networks on the CPU. Torch runtime only."""
+    want = device or "auto"
+    on = None
+    if isinstance(want, str) and want.startswith("cuda") and not torch.cuda.is_available():
+        m = re.fullmatch(r"cuda(?::(\d+))?", want)
+        if not m:
+            raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {want!r}")
+        if max_vram is None:
+            raise ValueError(f"--device {want}: torch sees no GPU here, so its memory is unknown; give the GPU's "
+                             "with --max-vram to plan for it")
+        device, on = torch.device("cuda", int(m.group(1) or 0)), torch.device("cpu")
+    prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache,
+                    need_masks=False)
+    return _load_and_plan(prep, n, max_vram, on)[2]
 
 
 def _give_device(active, idle, dev) -> None:

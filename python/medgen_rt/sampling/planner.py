@@ -6,7 +6,8 @@ Each phase's peak is modelled as ``fixed + per_unit * units`` (a MemoryCost):
 - denoise: fixed = weights (+ tables); unit = one token (DiT, TGCA) or one latent
   voxel (U-Net, ControlNet) of one batch element; the classifier-free guidance
   pass doubles the batch. The sampler's own tensors come on top, per volume: the
-  latent and, for a mask-conditioned model, the mask and its null (float32).
+  latent and, for a mask-conditioned model, the mask (and with guidance its null) in
+  the network's dtype.
 - decode (streamed, see medgen_rt.sampling.decode): fixed = decoder weights and
   the latent; unit = one latent plane of a chunk times the latent cross-section
   (the voxels of the other two axes).
@@ -100,12 +101,12 @@ class SamplingPlan:
     def describe(self) -> str:
         """The plan in a few lines, each phase's peak split into its parts."""
         gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-        limit = gib(self.max_vram_bytes) if self.max_vram_bytes else "no max_vram"
+        limit = f"max_vram {gib(self.max_vram_bytes)}" if self.max_vram_bytes else "no max_vram"
         denoise, decode = self.costs["denoise"], self.costs["decode"]
         activations = self.predicted_peak_bytes["denoise"] - denoise["fixed"] - self.sampler_bytes
         planes = decode["per_unit"] * self.decode_chunk
         return "\n".join([
-            f"plan for {self.device}, max_vram {limit}: denoiser {self.denoiser_dtype}, batch {self.batch}; "
+            f"plan for {self.device}, {limit}: denoiser {self.denoiser_dtype}, batch {self.batch}; "
             f"decode along axis {self.decode_axis}, {self.decode_chunk} latent plane(s) per step",
             f"  denoise {gib(self.predicted_peak_bytes['denoise'])} = weights {gib(denoise['fixed'])} + activations "
             f"{gib(activations)} + the sampler's latents and masks {gib(self.sampler_bytes)} [{denoise['source']}]",
@@ -379,20 +380,18 @@ def decoder_input_spatial(vae: nn.Module, latent_shape: Sequence[int]) -> tuple:
 
 def condition_bytes(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], guidance: bool,
                     dtype: torch.dtype) -> int:
-    """Device bytes of one volume's mask as the sampler handles it (sampling/api.py,
-    diffusion/samplers.py): the mask and its null (zeros of its shape) in float32 all along;
-    per call, with guidance the two concatenated, and the network's copy in its dtype. The
-    mask is at image resolution: MedLoRD's six labels at 512x512x256 are 1.5 GiB in float32."""
+    """Device bytes of one volume's mask as the sampler holds it (sampling/api.py,
+    diffusion/samplers.py), all in the network's dtype: the mask all along (the network's cast
+    is then no copy); with guidance also its null (zeros of its shape) and, per call, the two
+    concatenated. The mask is at image resolution: MedLoRD's six labels at 512x512x256 are
+    0.75 GiB in bfloat16."""
     channels = getattr(net, "mask_channels", None)
     if not channels:
         return 0
     factor = getattr(net, "mask_downsample", None)
     factors = (factor,) * (len(latent_shape) - 1) if factor else vae.downsample_factor
     elements = channels * math.prod(s * f for s, f in zip(latent_shape[1:], factors))
-    per_element = 2 * 4 + (2 * 4 if guidance else 0)
-    if dtype != torch.float32:
-        per_element += (2 if guidance else 1) * (torch.finfo(dtype).bits // 8)
-    return elements * per_element
+    return elements * (torch.finfo(dtype).bits // 8) * (4 if guidance else 1)
 
 
 def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n: int = 1,
@@ -457,6 +456,6 @@ def plan_sampling(net: nn.Module, vae: nn.Module, latent_shape: Sequence[int], n
     if limit is not None:
         over = {k: round(v / GIB, 2) for k, v in peaks.items() if v > limit}
         if over:
-            raise ValueError(f"max_vram {limit / GIB:.2f} GiB is too small: predicted peak {over} GiB "
-                             "even with batch 1 and one latent plane per decode step")
+            raise ValueError(f"max_vram (--max-vram) {limit / GIB:.2f} GiB is too small: predicted peak {over} "
+                             "GiB even with batch 1 and one latent plane per decode step")
     return plan
