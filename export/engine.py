@@ -258,6 +258,8 @@ class OnnxEngine:
         if (sampler == "euler") != (diff["objective"] == "flow"):
             raise ValueError(f"sampler {sampler!r} does not fit this {diff['objective']} model: "
                              "euler is for flow models, ddim and ddpm for DDPM-family ones")
+        if steps is None and sampler == "euler":
+            steps = m.get("default_steps")  # a distilled student's own step count (None: the default)
         scheduler = scheduler_for(m, sampler, steps, eta)  # bad steps refused before any file
         steps = len(scheduler.timesteps)
         if noise is not None and tuple(noise.shape) != (n,) + latent_shape:

@@ -193,6 +193,7 @@ def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, qu
             "mask_labels": info.get("mask_labels"), "latent_shape": list(latent_shape),
             "scale_factor": float(info["scale_factor"]), "modality": info.get("modality") or vae_info.get("modality"),
             "geometry": info.get("geometry") or {}, "diffusion": diff, "schedule": schedule,
+            "default_steps": info.get("default_steps"),  # a distilled student's own step count
             "flow_timestep_scale": DEFAULT_TIMESTEP_SCALE,
             "decoder": {"cine": cine, "factor": list(geometry.factor), "halo": list(geometry.halo),
                         "output_axis": list(geometry.output_axis), "out_channels": geometry.out_channels,

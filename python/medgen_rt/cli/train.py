@@ -1,4 +1,4 @@
-"""`medgen train vae|dit|control|unet`: the arguments here, the work in
+"""`medgen train vae|dit|control|unet|distill`: the arguments here, the work in
 medgen_rt.train.run (imported only when training runs, so that building the
 parser does not import torch: the ONNX engine's `medgen sample` runs without it)."""
 from __future__ import annotations
@@ -16,12 +16,14 @@ _DATA_OPTIONS = {
     "dit": ("latents", "val_latents"),
     "unet": ("latents", "val_latents"),
     "control": ("latents", "val_latents", "base"),
+    "distill": ("latents", "val_latents", "teacher"),
 }
 _HELP = {
     "vae": "train a VQ-GAN (the autoencoder) on image volumes",
     "dit": "train a diffusion transformer on latents from `medgen encode`",
     "control": "train a mask-conditioned adapter (TGCA on a dit run, ControlNet on a unet run)",
     "unet": "train a diffusion U-Net (the MedLoRD baseline) on latents from `medgen encode`",
+    "distill": "distil a rectified-flow dit or tgca run into a student that samples in 1 to 8 Euler steps",
 }
 
 _fraction = checked_type(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
@@ -32,7 +34,7 @@ def add_parser(subparsers) -> None:
                               description="Train one model of the pipeline. `medgen train KIND --help` lists the "
                                           "options of that kind.")
     kinds = p.add_subparsers(dest="stage", metavar="KIND", required=True,
-                             help="vae (VQ-GAN), dit, control (TGCA/ControlNet), unet")
+                             help="vae (VQ-GAN), dit, control (TGCA/ControlNet), unet, distill (few-step student)")
     for kind in STAGES:
         add_arguments(kinds.add_parser(kind, help=_HELP[kind], description=_HELP[kind] + "."), kind)
 
@@ -40,7 +42,11 @@ def add_parser(subparsers) -> None:
 def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     from medgen_rt.runtime.energy import country_arg
 
-    p.add_argument("--config", required=True, help="preset name (see medgen_rt/configs) or YAML path")
+    if kind == "distill":
+        p.add_argument("--config", help="preset name or YAML path whose distill section applies (default: the "
+                                        "preset the teacher was trained with)")
+    else:
+        p.add_argument("--config", required=True, help="preset name (see medgen_rt/configs) or YAML path")
     p.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     options = _DATA_OPTIONS[kind]
     if "data" in options:
@@ -48,10 +54,23 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--val-data", help="held-out image folder (default: last 10%% of --data)")
     if "latents" in options:
         p.add_argument("--latents", help="latents folder from `medgen encode`"
-                                         + (" (with masks)" if kind == "control" else ""))
+                                         + (" (with masks)" if kind == "control" else "")
+                                         + (" (default: the teacher's, when its run records a folder that exists)"
+                                            if kind == "distill" else ""))
         p.add_argument("--val-latents", help="held-out latents (default: last 10%% of --latents)")
     if "base" in options:
         p.add_argument("--base", help="the trained dit or unet run to condition")
+    if "teacher" in options:
+        p.add_argument("--teacher", required=True,
+                       help="the trained rectified-flow dit or tgca run (or embedded model name) to distil")
+        p.add_argument("--student-steps", type=positive_int, metavar="N",
+                       help="Euler steps the student samples in, 1 to 8 (overrides distill.student_steps, default 4); "
+                            "it also serves every smaller count")
+        p.add_argument("--teacher-steps", type=positive_int, metavar="N",
+                       help="Euler steps of the teacher's targets (overrides distill.teacher_steps, default 16)")
+        p.add_argument("--guidance", type=float, metavar="S",
+                       help="tgca teachers: fold classifier-free guidance of scale S into the student (sample it "
+                            "without --guidance); overrides distill.guidance")
     p.set_defaults(**{o: None for opts in _DATA_OPTIONS.values() for o in opts if o not in options})
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (from step 0 when it has none)")

@@ -7,6 +7,8 @@ path to a YAML file), one file per system with a section per stage:
     control: {mask_labels: [...], tgca: {...} (dit base) | controlnet: {variant: monai | lightweight, ...}
               (unet base; see medgen_rt.models.unet.ControlledUNet), train: {...}}
     unet:    {model: PRESET, model_overrides: {...}, diffusion: {...}, train: {...}}
+    distill: {student_steps: N, teacher_steps: N, guidance: S | null, train: {...}}
+             (a few-step student of a flow dit or tgca run; see medgen_rt.train.distill)
 
 `train` holds medgen_rt.train.loop.TrainSettings fields.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("vae", "dit", "control", "unet")
+STAGES = ("vae", "dit", "control", "unet", "distill")
 
 
 def preset_names() -> list:

@@ -43,6 +43,10 @@ def build_task(args, cfg: dict, device):
         return _denoiser_task(args, cfg, device, where)
     if args.stage == "control":
         return _control_task(args, cfg, device, where)
+    if args.stage == "distill":
+        from medgen_rt.train.distill import build_distill_task
+
+        return build_distill_task(args, stage(cfg, "distill", where), lambda masks: _latent_sets(args, masks), device)
     from medgen_rt.train.vae import build_vae_task
 
     _require(args, "data")
@@ -150,9 +154,15 @@ def main(args) -> int:
     check_out(args.out)  # a file in the way or a read-only place fails now, not at the first checkpoint
     dist = init_distributed(args.device)
     try:
-        cfg, text = load_config(args.config)
-        section = stage(cfg, args.stage, f"config {args.config!r}")
-        settings = _settings(section, args, f"config {args.config!r}.{args.stage}")
+        if args.stage == "distill":  # the config may come from the teacher's run; its section is resolved
+            from medgen_rt.train.distill import distill_config
+
+            cfg = distill_config(args)
+        else:
+            cfg, _ = load_config(args.config)
+        where = f"config {args.config!r}" if args.config else "the teacher's config"
+        section = stage(cfg, args.stage, where)
+        settings = _settings(section, args, f"{where}.{args.stage}")
         # Same initial weights for the same seed, on every rank (DDP replicas must start equal).
         torch.manual_seed(settings.seed)
         task = build_task(args, cfg, dist.device)
