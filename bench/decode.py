@@ -1,8 +1,9 @@
-"""Streamed (and halo-tiled) vs full-volume decode of a ct-ds8 VQ-GAN (random
+"""Streamed (and halo-tiled) vs full-volume decode of a ct-ds8 or ct-ds4 VQ-GAN (random
 weights, fp32): time and peak resident memory, each measured in a fresh child
 process, in one run.
 
-    python bench/decode.py                      # 512x512x256 output (latent 64x64x32)
+    python bench/decode.py                      # ct-ds8, 512x512x256 output (latent 64x64x32)
+    python bench/decode.py --vae ct-ds4         # MedLoRD's VQ-GAN: latent 128x128x64
     python bench/decode.py --size 256 256 128   # smaller
     python bench/decode.py --modes streamed tiled full --chunk 4 --core 32 32 16
 """
@@ -21,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_description, versions, write_json  # noqa: E402
 
 
-def child(mode: str, latent_shape, core, chunk, save) -> dict:
+def child(mode: str, vae: str, latent_shape, core, chunk, save) -> dict:
     import torch
 
     from medgen_rt.models.vqgan import build_vqgan
     from medgen_rt.sampling.decode import decoder_geometry, streamed_decode, tiled_decode
 
     torch.manual_seed(0)
-    model = build_vqgan("ct-ds8").eval()
+    model = build_vqgan(vae).eval()
     latent = torch.randn(1, 8, *latent_shape)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -51,7 +52,8 @@ def child(mode: str, latent_shape, core, chunk, save) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", nargs=3, type=int, default=[512, 512, 256], help="output size (multiples of 8)")
+    p.add_argument("--vae", default="ct-ds8", choices=["ct-ds8", "ct-ds4"], help="VQ-GAN preset (8x or 4x)")
+    p.add_argument("--size", nargs=3, type=int, default=[512, 512, 256], help="output size (multiples of the factor)")
     p.add_argument("--core", nargs=3, type=int, default=[32, 32, 16], help="tile core in latent voxels")
     p.add_argument("--chunk", type=int, default=2, help="streamed: latent planes per step")
     p.add_argument("--modes", nargs="+", default=["streamed", "full"], choices=["streamed", "tiled", "full"])
@@ -60,16 +62,17 @@ def main(argv=None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    latent = [s // 8 for s in args.size]
+    factor = 8 if args.vae == "ct-ds8" else 4
+    latent = [s // factor for s in args.size]
     if args.child:
-        print(json.dumps(child(args.child, latent, args.core, args.chunk, args.save)))
+        print(json.dumps(child(args.child, args.vae, latent, args.core, args.chunk, args.save)))
         return 0
     results = []
     check = not args.no_check and "full" in args.modes
     scratch = tempfile.TemporaryDirectory(prefix="medgen-bench-decode-")
     for mode in args.modes:
         save = ["--save", str(Path(scratch.name) / f"{mode}.npy")] if check else []
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--size", *map(str, args.size),
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--vae", args.vae, "--size", *map(str, args.size),
                                "--core", *map(str, args.core), "--chunk", str(args.chunk), *save],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
             summary[f"{mode}_time_over_full"] = round(summary[mode]["seconds"] / summary["full"]["seconds"], 3)
             print(f"{mode}/full time {summary[f'{mode}_time_over_full']}, peak RSS {mode} "
                   f"{summary[mode]['peak_rss_gb']} GB vs full {summary['full']['peak_rss_gb']} GB")
-    write_json(args.out, {"benchmark": "ct-ds8 decode: streamed or tiled vs full volume", "size": args.size, "latent": latent,
+    write_json(args.out, {"benchmark": f"{args.vae} decode: streamed or tiled vs full volume", "vae": args.vae,
+                          "size": args.size, "latent": latent,
                           "core": args.core, "chunk": args.chunk, "device": device_description("cpu"), "versions": versions(),
                           "results": summary})
     return 0
