@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from medgen_rt.train.checkpoint import load_weights, save_weights
+from medgen_rt.models.weights import load_weights
+from medgen_rt.train.checkpoint import save_weights
 
 ROOT = Path(__file__).resolve().parents[1] / "python" / "medgen_rt" / "default_models"
 RECORDS = ("config.yaml", "config_resume.yaml", "metrics.csv", "energy.json", "quality.png")

@@ -15,20 +15,18 @@ on the device through IO binding), else the CPU.
 from __future__ import annotations
 
 import json
-import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
-from medgen_rt.runtime.energy import EnergyMeter
 from medgen_rt.runtime.schedulers import denoise_loop, make_scheduler, step_noise
 from medgen_rt.runtime.tiling import plan_tiles
-from medgen_rt.io.dicom import parse_format
-from medgen_rt.io.outputs import OutputFolder
-from medgen_rt.sampling.summary import (VolumeWriter, check_guidance, check_request, image_to_volume, memory_key,
-                                        portable_path)
+from medgen_rt.sampling.pipeline import SamplingPipeline
+from medgen_rt.sampling.spec import ModelSpec, check_inputs, load_masks, output_folder
+from medgen_rt.sampling.summary import check_request, memory_key
 from medgen_rt.sampling.validate import check_manifest, check_session_input, export_file, load_codebook
 
 MANIFEST = "medgen_export.json"
@@ -121,7 +119,8 @@ def scheduler_for(manifest: dict, sampler: str, steps: Optional[int] = None, eta
 
 def sample_loop(model: Callable, noise: np.ndarray, scheduler, guidance: Optional[float] = None,
                 cond: Optional[np.ndarray] = None, seed: int = 0, progress=None) -> np.ndarray:
-    """model(x, t (B,) float32, cond) -> output; the whole reverse process on float32 numpy arrays.
+    """model(x, t (B,) float32, cond) -> output; the whole reverse process on float32 numpy arrays,
+    the engine's denoiser in the pipeline (and, in the parity tests, beside medgen_rt.diffusion.sample).
     Step noise of row b comes from the stream of seed + b (the torch runtime's for that volume);
     the null condition of guidance is the all-zero map."""
     x = noise.astype(np.float32)
@@ -187,6 +186,7 @@ class OnnxEngine:
     def __init__(self, folder, device: str = "auto", precision: str = "fp32"):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
+        self.spec = ModelSpec.from_manifest(self.manifest)
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
         suffix = "" if precision == "fp32" else "_fp16"
@@ -239,109 +239,84 @@ class OnnxEngine:
                country: Optional[str] = None, quiet: bool = True, noise: Optional[np.ndarray] = None,
                core: Optional[Sequence[int]] = None, quantize: bool = True, overwrite: bool = False,
                format: str = "nifti") -> list:
-        """Like medgen_rt.sample; noise (n, *latent) replaces the seeded initial noise
+        """Like medgen_rt.sample, through the same pipeline (medgen_rt.sampling.pipeline) with the
+        onnxruntime sessions as its adapters; noise (n, *latent) replaces the seeded initial noise
         (to compare with the torch runtime on the same start)."""
-        formats = parse_format(format, "format")
-        if out is not None and not isinstance(out, OutputFolder):
-            # a path: this call owns the folder and its lock until it returns
-            params = {k: v for k, v in locals().items() if k not in ("self", "formats")}
-            with OutputFolder(out, overwrite=overwrite, formats=formats) as folder:
-                return self.sample(**{**params, "out": folder})
-        m = self.manifest
-        check_request(n, seed, steps, guidance, eta)
-        check_guidance(guidance, m["conditional"], False, repr(str(self.folder)))
-        latent_shape = tuple(m["latent_shape"])
-        diff = m["diffusion"]
-        sampler = sampler or ("euler" if diff["objective"] == "flow" else "ddim")
-        if sampler not in ("ddim", "ddpm", "euler"):
-            raise ValueError(f"sampler must be ddim, ddpm or euler, got {sampler!r}")
-        if (sampler == "euler") != (diff["objective"] == "flow"):
-            raise ValueError(f"sampler {sampler!r} does not fit this {diff['objective']} model: "
-                             "euler is for flow models, ddim and ddpm for DDPM-family ones")
-        if steps is None and sampler == "euler":
-            steps = m.get("default_steps")  # a distilled student's own step count (None: the default)
-        scheduler = scheduler_for(m, sampler, steps, eta)  # bad steps refused before any file
-        steps = len(scheduler.timesteps)
-        if noise is not None and tuple(noise.shape) != (n,) + latent_shape:
-            raise ValueError(f"noise must have shape {(n,) + latent_shape}, got {tuple(noise.shape)}")
-        mask_items = self._masks(masks, n) if m["conditional"] else None
-        if masks is not None and not m["conditional"]:
-            raise ValueError("this export is not mask-conditioned; masks cannot be used")
-        if out is not None:
-            out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
-        meter = EnergyMeter(country=country, enabled=energy)
-        geometry = m.get("geometry") or {}
-        affine = np.asarray(geometry.get("affine") or np.eye(4))
-        modality = m.get("modality")
-        core = core or [min(s, 32) for s in latent_shape[1:]]
-        # each volume goes to disk as soon as it is decoded, as in the torch runtime
-        writer = VolumeWriter(out, meter, modality, geometry)
-        base = out.path if out is not None else None  # sidecar paths are relative to the output folder
-        bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n * steps, desc="denoise", unit="step", dynamic_ncols=True)
-        for i in range(n):
-            start = noise[i:i + 1] if noise is not None else \
-                np.random.default_rng(seed + i).standard_normal((1,) + latent_shape, dtype=np.float32)
-            cond = mask_items[i][1][None] if mask_items else None
-            t0 = time.perf_counter()
-            with meter.phase("denoise"):
-                z = sample_loop(self.denoise, start, scheduler, guidance=guidance if m["conditional"] else None,
-                                cond=cond, seed=seed + i,
-                                progress=(lambda k, total: bar.update(1)) if bar is not None else None)
-            t1 = time.perf_counter()
-            peak = {"denoise": _peak_rss_gb()}
-            tile_bar = None
-            if not quiet:
-                from tqdm import tqdm
-
-                tile_bar = tqdm(desc="decode", unit="tile", dynamic_ncols=True, leave=False)
-            with meter.phase("decode"):
-                z = z / np.float32(m["scale_factor"])
-                z = snap_to_codebook(z, self.codebook) if quantize else z
-                image = tiled_decode_numpy(self.decode, z, m, core,
-                                           progress=(lambda k, total: (setattr(tile_bar, "total", total),
-                                                                       tile_bar.update(k - tile_bar.n)))
-                                           if tile_bar is not None else None)[0, 0]
-            if tile_bar is not None:
-                tile_bar.close()
-            t2 = time.perf_counter()
-            peak["decode"] = _peak_rss_gb()
-            volume = image_to_volume(image, modality)
-            meta = {"model": portable_path(self.folder, base), "kind": m["kind"], "seed": seed + i, "index": i,
-                    "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if m["conditional"] else None,
-                    "timings_s": {"denoise": round(t1 - t0, 3), "decode": round(t2 - t1, 3)},
-                    # process peak RSS so far, also on a GPU (onnxruntime reports no GPU peak)
-                    memory_key("cpu"): peak, "device": self.device, "engine": "onnx", "providers": self.providers,
-                    "precision": "fp32" if self.dtype == np.float32 else "fp16",
-                    "exported_by": m.get("medgen_rt_version")}
-            if mask_items:
-                meta["mask"] = portable_path(mask_items[i][0], base)
-            writer.add({"volume": volume, "affine": affine, "metadata": meta, "files": {},
-                        "mask": mask_items[i][2] if mask_items else None})
-        if bar is not None:
-            bar.close()
-        return writer.finish()
+        with output_folder(out, overwrite, format) as out:  # a path: locked until this call returns
+            check_request(n, seed, steps, guidance, eta)
+            request = check_inputs(self.spec, repr(str(self.folder)), n, seed, steps, sampler, guidance, eta, masks)
+            scheduler = scheduler_for(self.manifest, request.sampler, request.steps, eta)
+            if noise is not None and tuple(noise.shape) != (n,) + self.spec.latent_shape:
+                raise ValueError(f"noise must have shape {(n,) + self.spec.latent_shape}, got {tuple(noise.shape)}")
+            if out is not None:
+                out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
+            pipeline = SamplingPipeline(
+                self.spec, request, _Denoiser(self, scheduler, noise),
+                _Decoder(self, core or [min(s, 32) for s in self.spec.latent_shape[1:]]),
+                sources={"model": self.folder},
+                # process peak RSS so far, also on a GPU (onnxruntime reports no GPU peak)
+                extra={"device": self.device, "engine": "onnx", "providers": self.providers,
+                       "precision": "fp32" if self.dtype == np.float32 else "fp16",
+                       "exported_by": self.manifest.get("medgen_rt_version")}, quantize=quantize)
+            return pipeline(range(n), out, energy=energy, country=country, quiet=quiet)
 
     def _masks(self, masks, n: int) -> list:
-        from medgen_rt.io import is_nifti_path, read_volume
-        from medgen_rt.io.nifti import check_labels
+        """spec.load_masks with the manifest's labels and mask shape (tests use it)."""
+        m = self.manifest
+        return load_masks(masks, m.get("mask_labels") or [], m["mask_shape"][1:], n,
+                          (m.get("geometry") or {}).get("affine") or np.eye(4))
 
-        if masks is None:
-            raise ValueError("this export is mask-conditioned: pass masks (a NIfTI file or a folder)")
-        labels = self.manifest.get("mask_labels") or []
-        want = tuple(self.manifest["mask_shape"][1:])
-        path = Path(masks)
-        files = sorted(p for p in path.iterdir() if is_nifti_path(p)) if path.is_dir() else [path]
-        if not files:
-            raise ValueError(f"masks {masks}: no NIfTI masks found")
-        items = []
-        for f in files:
-            vol = read_volume(f, dtype=None).array
-            if tuple(vol.shape) != want:
-                raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model takes {want}")
-            check_labels(f, vol, labels, "the model's mask labels")  # the one label check of every reader
-            items.append((f, np.stack([(vol == v) for v in labels]).astype(np.float32), vol.astype(np.uint8)))
-        return [items[i % len(items)] for i in range(n)]
+
+class _Denoiser:
+    """The pipeline's denoiser adapter: the denoiser session, one volume at a time, on numpy arrays."""
+
+    batch = 1
+    memory_key = memory_key("cpu")
+
+    def __init__(self, engine: OnnxEngine, scheduler, noise: Optional[np.ndarray]):
+        self.engine, self.scheduler, self.given = engine, scheduler, noise
+
+    def session(self):
+        return nullcontext()
+
+    def noise(self, indices, seeds, shape) -> np.ndarray:
+        if self.given is not None:
+            return np.concatenate([self.given[i:i + 1] for i in indices]).astype(np.float32)
+        return np.concatenate([np.random.default_rng(s).standard_normal((1,) + tuple(shape), dtype=np.float32)
+                               for s in seeds])
+
+    def condition(self, a):
+        return a
+
+    def denoise(self, x, guidance, cond, null, seeds, progress=None):
+        # one volume per batch: sample_loop's row streams seed + b are the volume's own
+        return sample_loop(self.engine.denoise, x, self.scheduler, guidance=guidance, cond=cond, seed=seeds[0],
+                           progress=progress)
+
+    def host(self, z):
+        return z
+
+    def peak_memory(self) -> float:
+        return _peak_rss_gb()
+
+    def batch_metadata(self) -> dict:
+        return {}
+
+
+class _Decoder:
+    """The pipeline's decoder adapter: codebook snap, then the decoder session tile by tile."""
+
+    unit = "tile"
+
+    def __init__(self, engine: OnnxEngine, core):
+        self.engine, self.core = engine, core
+
+    def session(self):
+        return nullcontext()
+
+    def __call__(self, z, quantize: bool, progress=None) -> np.ndarray:
+        z = snap_to_codebook(z, self.engine.codebook) if quantize else z
+        return tiled_decode_numpy(self.engine.decode, z, self.engine.manifest, self.core, progress=progress)[0, 0]
+
+    def peak_memory(self) -> float:
+        return _peak_rss_gb()

@@ -23,7 +23,7 @@ class OpCase:
     differentiable: bool = True
 
 
-def _adaln_inputs(shape, dtype, device, layout, gen):
+def _adaln_modulate_inputs(shape, dtype, device, layout, gen):
     B, N, C = shape
     def randn(*s):
         return torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
@@ -180,7 +180,7 @@ def _tile_normalize_inputs(shape, dtype, device, layout, gen):
 
 OP_CASES = {
     "adaln_modulate": OpCase(
-        make_inputs=_adaln_inputs,
+        make_inputs=_adaln_modulate_inputs,
         # odd and non-power-of-two sizes, batch 1 and several, DiT widths 384/768/1152
         shapes=[(1, 1, 8), (2, 7, 33), (3, 17, 384), (2, 64, 1152), (1, 5, 1000), (4, 130, 96), (2, 9, 768)],
         small_shapes=[(1, 1, 8), (2, 7, 33), (3, 5, 384), (2, 3, 1152)],

@@ -98,7 +98,7 @@ def test_torch_op_backward_matches_reference(op_name):
 
 # ---- backend choice: cached, overridable -------------------------------------------------
 
-def _adaln_args():
+def _adaln_modulate_args():
     return torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(2, 16)
 
 
@@ -108,7 +108,7 @@ def test_choice_is_cached_per_signature(monkeypatch):
     select = op.select
     monkeypatch.setattr(op, "select", lambda *a, **k: calls.append(1) or select(*a, **k))
     op._cache.clear()
-    x, shift, scale = _adaln_args()
+    x, shift, scale = _adaln_modulate_args()
     for _ in range(3):
         op(x, shift, scale)
     assert len(calls) == 1
@@ -129,7 +129,7 @@ def _chosen(op, args):
 
 def test_use_backend_overrides_env_and_yields_to_argument(monkeypatch):
     op = ops.get_op("adaln_modulate")
-    args = _adaln_args()
+    args = _adaln_modulate_args()
     monkeypatch.setenv("MEDGEN_BACKEND", "native" if NATIVE else "reference")
     with ops.use_backend("reference"):
         assert _chosen(op, args) == "reference"
@@ -145,7 +145,7 @@ def test_use_backend_runs_the_reference(monkeypatch):
     monkeypatch.setattr(op, "reference", lambda *a, **k: ran.append(1) or torch.zeros(2, 5, 16))
     op._cache.clear()
     with ops.use_backend("reference"):
-        op(*_adaln_args())
+        op(*_adaln_modulate_args())
     assert ran == [1]
     op._cache.clear()
 
@@ -172,7 +172,7 @@ def test_native_kernels_follow_torch_threads():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            ops.adaln_modulate(*_adaln_args(), backend="native")
+            ops.adaln_modulate(*_adaln_modulate_args(), backend="native")
             assert _native.native_module().build_info()["cpu_threads"] == n
     finally:
         torch.set_num_threads(before)
@@ -239,7 +239,7 @@ def test_compiled_graph_follows_use_backend():
 
     torch._dynamo.reset()
     fn = torch.compile(lambda x, s, c: ops.adaln_modulate(x, s, c), backend=backend, fullgraph=True)
-    args = _adaln_args()
+    args = _adaln_modulate_args()
     fn(*args)
     with ops.use_backend("reference"):
         fn(*args)

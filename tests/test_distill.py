@@ -16,8 +16,9 @@ import yaml
 from medgen_rt import diffusion as D
 from medgen_rt.cli import main as medgen
 from medgen_rt.models import load_model
+from medgen_rt.models.weights import load_weights
 from medgen_rt.sampling.api import default_model_dir
-from medgen_rt.train.checkpoint import load_weights, write_model_files
+from medgen_rt.train.checkpoint import write_model_files
 from medgen_rt.train.latents import write_latent_set
 
 SHAPE = (8, 16, 16, 8)  # the embedded CT VQ-GAN's latent, so that the student samples to a volume

@@ -140,7 +140,7 @@ def test_forward_matches_published_formulas(cfg, shape, backend, monkeypatch):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_adaln_zero_initialisation_outputs_zero():
+def test_adaln_modulate_zero_initialisation_outputs_zero():
     model = DiT(dit_config("dit3d-tiny"))
     out = model(torch.randn(2, 8, 16, 16, 8), torch.tensor([1, 2]))
     assert torch.count_nonzero(out) == 0

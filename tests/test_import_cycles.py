@@ -13,6 +13,9 @@ medgen_rt.kernels, export/ as medgen_rt.export), without importing anything. Wha
 An edge goes to the imported module (``from pkg import name`` to ``pkg.name`` when that is a
 module, else to ``pkg``) and to its parent packages, which Python imports first, except the
 importer's own parents (they are already being imported when it runs).
+
+A second check is about direction, not cycles: models/, sampling/, io/ and evaluation/ never
+import train/ or cli/, eagerly or lazily (a short, commented allowlist names the exceptions).
 """
 from __future__ import annotations
 
@@ -134,6 +137,82 @@ def test_the_cycles_the_review_found_stay_gone():
     for source in ("diffusion/flow.py", "train/run.py"):  # not even lazily
         text = (PACKAGES["medgen_rt"] / source).read_text()
         assert "samplers import" not in text and "medgen_rt.cli" not in text, source
+
+
+def all_imports(path: Path, name: str, mods: dict):
+    """(line, target module, lazy) of every import in a file, resolved like :func:`import_graph`;
+    lazy: inside a function (or under TYPE_CHECKING), i.e. not run when the module is imported."""
+    is_package = path.name == "__init__.py"
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    tree = ast.parse(path.read_text(), str(path))
+    eager = {id(node) for node in _module_level_imports(tree)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, id(node) not in eager
+        elif isinstance(node, ast.ImportFrom):
+            base = here[:len(here) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                target = f"{module}.{alias.name}" if f"{module}.{alias.name}" in mods else module
+                yield node.lineno, target, id(node) not in eager
+
+
+# DESIGN.md section 2: the library layers below the verbs never reach up into training or the CLI.
+LOWER_LAYERS = ("models", "sampling", "io", "evaluation")
+UPPER_LAYERS = ("train", "cli")
+# Lazy (in-function) imports still allowed, each with its reason (none today). Keep it small: every
+# entry is a known debt to pay, not a pattern to copy.
+LAZY_ALLOWED: set = set()
+
+
+def upward_imports(packages: dict = PACKAGES, root: str = "medgen_rt") -> list:
+    """(module, line, target, lazy) for every import from a lower layer into train/ or cli/."""
+    mods = modules(packages)
+    found = []
+    for name, path in mods.items():
+        parts = name.split(".")
+        if len(parts) < 2 or parts[0] != root or parts[1] not in LOWER_LAYERS:
+            continue
+        for line, target, lazy in all_imports(path, name, mods):
+            t = target.split(".")
+            if t[0] == root and len(t) > 1 and t[1] in UPPER_LAYERS:
+                found.append((name, line, target, lazy))
+    return found
+
+
+def test_lower_layers_never_import_train_or_cli():
+    """models/, sampling/, io/, evaluation/ import nothing from train/ or cli/: not at module level,
+    and not lazily inside functions either (a lazy import is still an upward dependency)."""
+    mods = modules(PACKAGES)
+    assert {"medgen_rt.models.weights", "medgen_rt.io.run_folder", "medgen_rt.sampling.api"} <= set(mods)
+    bad = [f"{name}:{line} imports {target}" + (" (inside a function)" if lazy else "")
+           for name, line, target, lazy in upward_imports()
+           if not (lazy and (name, target) in LAZY_ALLOWED)]
+    assert not bad, "lower layers import train/ or cli/ (DESIGN.md section 2):\n" + "\n".join(bad)
+
+
+def test_the_lazy_allowlist_is_not_stale():
+    """Every allowlisted lazy import still exists: drop an entry once its import is gone."""
+    found = {(name, target) for name, _, target, lazy in upward_imports() if lazy}
+    stale = sorted(LAZY_ALLOWED - found)
+    assert not stale, f"LAZY_ALLOWED entries whose import is gone (remove them): {stale}"
+
+
+def test_the_upward_check_sees_eager_and_lazy_imports(tmp_path):
+    pkg = tmp_path / "medgen_rt"
+    for sub in ("models", "train", "io"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train" / "checkpoint.py").write_text("")
+    (pkg / "models" / "a.py").write_text("def load():\n    from medgen_rt.train.checkpoint import f\n")
+    (pkg / "io" / "b.py").write_text("from ..train import checkpoint\n")
+    found = upward_imports({"medgen_rt": pkg})
+    assert sorted((n, t, lazy) for n, _, t, lazy in found) == [
+        ("medgen_rt.io.b", "medgen_rt.train.checkpoint", False),
+        ("medgen_rt.models.a", "medgen_rt.train.checkpoint", True),
+    ]
 
 
 def test_the_walker_finds_a_cycle(tmp_path):

@@ -96,26 +96,26 @@ def test_unknown_op_name():
 
 # ---- the real op ---------------------------------------------------------------
 
-def _adaln_args():
+def _adaln_modulate_args():
     return torch.randn(2, 5, 16), torch.randn(2, 16), torch.randn(2, 16)
 
 
-def test_adaln_auto_uses_native_on_cpu():
-    assert ops.get_op("adaln_modulate").select(_adaln_args(), {})[0] == "native"
+def test_adaln_modulate_auto_uses_native_on_cpu():
+    assert ops.get_op("adaln_modulate").select(_adaln_modulate_args(), {})[0] == "native"
 
 
-def test_adaln_native_unloadable_falls_back_or_raises(monkeypatch, request):
+def test_adaln_modulate_native_unloadable_falls_back_or_raises(monkeypatch, request):
     monkeypatch.setattr(_native, "_load", lambda: (None, "medgen_rt._C could not be imported (simulated)"))
     registry.clear_caches()  # cached choices assume the extension loaded; forget them (and again after)
     request.addfinalizer(registry.clear_caches)
     op = ops.get_op("adaln_modulate")
-    assert op.select(_adaln_args(), {})[0] == "reference"
+    assert op.select(_adaln_modulate_args(), {})[0] == "reference"
     with pytest.raises(BackendUnavailableError, match="simulated"):
-        op(*_adaln_args(), backend="native")
+        op(*_adaln_modulate_args(), backend="native")
 
 
-def test_adaln_rejects_bad_arguments():
-    x, shift, scale = _adaln_args()
+def test_adaln_modulate_rejects_bad_arguments():
+    x, shift, scale = _adaln_modulate_args()
     with pytest.raises(ValueError, match="x must be a \\(B, N, C\\)"):
         ops.adaln_modulate(x[0], shift, scale)
     with pytest.raises(ValueError, match="scale must have shape"):
@@ -127,7 +127,7 @@ def test_adaln_rejects_bad_arguments():
 def test_native_extension_validates_descriptions():
     """The C++ side checks shapes itself; a mismatch is a ValueError naming the argument."""
     C_ = _native.native_module()
-    x, shift, scale = _adaln_args()
+    x, shift, scale = _adaln_modulate_args()
     y = torch.empty_like(x)
     d = _native.describe
     with pytest.raises(ValueError, match="shift: shape"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from medgen_rt.train.checkpoint import load_weights
+from medgen_rt.models.weights import load_weights
 from medgen_rt.train.latents import write_latent_set
 from medgen_rt.train.loop import TrainSettings, ema_decay_at, global_batch_indices, lr_factor
 

@@ -17,7 +17,7 @@ from medgen_rt.models.vqgan import (
     PRESETS, CineVQGAN, EMACodebook, VQGAN3D, VQGANConfig, build_vqgan, decoder_receptive_field,
     load_monai_vqvae_state_dict, monai_vqvae_kwargs, vqgan_config,
 )
-from medgen_rt.ops.vq import vq_nearest_reference
+from medgen_rt.ops.vq_nearest import vq_nearest_reference
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 

@@ -50,7 +50,7 @@ def build_model(info: dict, base: nn.Module = None) -> nn.Module:
 
 def load_model(run_dir, prefer_ema: bool = True) -> tuple:
     """(network with weights, model info) of a finished run folder."""
-    from medgen_rt.train.checkpoint import read_model_weights
+    from medgen_rt.models.weights import read_model_weights
 
     weights, info = read_model_weights(Path(run_dir), prefer_ema=prefer_ema)
     model = build_model(info)

@@ -24,13 +24,13 @@ from medgen_rt.ops.registry import (
     use_backend,
 )
 # Importing each op module registers its op.
-from medgen_rt.ops.adaln import adaln_modulate  # noqa: E402
+from medgen_rt.ops.adaln_modulate import adaln_modulate  # noqa: E402
 from medgen_rt.ops.attention import attention  # noqa: E402
 from medgen_rt.ops.gated_residual import gated_residual  # noqa: E402
 from medgen_rt.ops.linear_gated_residual import linear_gated_residual  # noqa: E402
 from medgen_rt.ops.patch_embed import patch_embed, unpatchify  # noqa: E402
 from medgen_rt.ops.tile_blend import tile_blend, tile_normalize  # noqa: E402
-from medgen_rt.ops.vq import vq_nearest  # noqa: E402
+from medgen_rt.ops.vq_nearest import vq_nearest  # noqa: E402
 
 __all__ = [
     "ENV_VAR", "KNOWN_BACKENDS", "Backend", "BackendUnavailableError", "Op",

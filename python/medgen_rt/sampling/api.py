@@ -9,12 +9,9 @@ control` (its model.json names the VQ-GAN run), or a folder holding `dit/` (or
 """
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import re
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +21,7 @@ import numpy as np
 import torch
 
 from medgen_rt import diffusion as D
-from medgen_rt.runtime.energy import EnergyMeter
+from medgen_rt.sampling.summary import memory_key
 
 DENOISER_KINDS = ("dit", "unet", "tgca", "controlnet")
 DEFAULT_MODEL = "cmr4d-tiny"
@@ -61,7 +58,7 @@ def resolve_model(model: str) -> tuple:
                              "tgca or controlnet run)")
         denoiser = found[0]
     from medgen_rt.sampling.validate import check_model_folder
-    from medgen_rt.train.checkpoint import read_model_info
+    from medgen_rt.io.run_folder import read_model_info
 
     info = read_model_info(denoiser)  # errors name the file
     if info.get("kind") not in DENOISER_KINDS:
@@ -121,36 +118,12 @@ def decode_latent(vae, latent: torch.Tensor, chunk: int, axis: Optional[int] = N
             retry(f"tiles of {core} latent voxels")
 
 
-def _voxel_size(affine) -> np.ndarray:
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-
-
 def _load_masks(masks, info: dict, n: int, image_shape: tuple, affine: np.ndarray) -> list:
-    """Mask NIfTI file(s) -> (path, one-hot (K, *image) tensor, labels, the mask's affine), checked
-    against the model: shape, integer labels it knows, and its voxel size (a map at another
-    scale would be drawn at the model's scale)."""
-    from medgen_rt.io import is_nifti_path, read_volume
-    from medgen_rt.io.nifti import check_labels
+    """spec.load_masks with model.json's labels, as (path, one-hot, labels, affine) per volume (tests use it)."""
+    from medgen_rt.sampling.spec import load_masks
 
-    labels = info.get("mask_labels") or []
-    path = Path(masks)
-    files = sorted(p for p in path.iterdir() if is_nifti_path(p)) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"--masks {masks}: no NIfTI masks found")
-    out = []
-    for f in files:
-        mask = read_volume(f, dtype=None)
-        vol = mask.array
-        if tuple(vol.shape) != tuple(image_shape[:3]):
-            raise ValueError(f"{f}: mask shape {tuple(vol.shape)} but the model generates {tuple(image_shape[:3])}")
-        check_labels(f, vol, labels, "the model's mask labels")  # the one label check of every reader (integers too)
-        want, got = _voxel_size(affine), _voxel_size(mask.affine)
-        if not np.allclose(got, want, rtol=0.01):
-            raise ValueError(f"{f}: voxel size {tuple(np.round(got, 3))} mm but the model was trained at "
-                             f"{tuple(np.round(want, 3))} mm")
-        out.append((f, torch.stack([torch.from_numpy(vol == v) for v in labels]).float(), vol.astype(np.uint8),
-                    np.asarray(mask.affine, dtype=np.float64)))
-    return [out[i % len(out)] for i in range(n)]
+    return [(m.path, m.onehot, m.labels, m.affine)
+            for m in load_masks(masks, info.get("mask_labels") or [], image_shape[:3], n, affine)]
 
 
 def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[int] = None,
@@ -182,17 +155,12 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     changed by less than this relative L1 since its last evaluation reuses that evaluation's
     residual (medgen_rt.models.step_cache); 0 caches nothing and gives the uncached volumes.
     The sidecar's "cache" holds the threshold and the block calls run and skipped.
-    """
-    from medgen_rt.io.dicom import parse_format
-    from medgen_rt.io.outputs import OutputFolder
 
-    formats = parse_format(format, "format")
-    if out is not None and not isinstance(out, OutputFolder):
-        # a path: this call owns the folder and its lock until it returns
-        params = {k: v for k, v in locals().items() if k in _SAMPLE_PARAMS}
-        with OutputFolder(out, overwrite=overwrite, formats=formats) as folder:
-            return sample(**{**params, "out": folder})
-    from medgen_rt.sampling.summary import VolumeWriter, image_to_volume, memory_key, portable_path
+    The choice of engine is made here, once: each supplies its denoiser and decoder adapters
+    to the one pipeline (medgen_rt.sampling.pipeline); nothing below branches on it.
+    """
+    from medgen_rt.sampling.pipeline import SamplingPipeline
+    from medgen_rt.sampling.spec import output_folder
 
     if engine == "onnx":
         from medgen_rt.export.engine import OnnxEngine
@@ -207,153 +175,126 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
                              "ONNX engine yet; use the torch engine")
         return OnnxEngine(model, device=device or "auto").sample(
             n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, masks=masks, out=out, eta=eta,
-            energy=energy, country=country, quiet=quiet, quantize=quantize)
+            energy=energy, country=country, quiet=quiet, quantize=quantize, overwrite=overwrite, format=format)
     if engine != "torch":
         raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
-    prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache)
-    if out is not None:
-        out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
-    indices = list(range(n)) if indices is None else list(indices)
-    net, vae, plan = _load_and_plan(prep, len(indices) or 1, max_vram)
-    denoiser_dir, vae_dir, dev, info, diff = prep.denoiser_dir, prep.vae_dir, prep.dev, prep.info, prep.diff
-    objective, sampler, steps, schedule = prep.objective, prep.sampler, prep.steps, prep.schedule
-    latent_shape, geometry, affine, modality = prep.latent_shape, prep.geometry, prep.affine, prep.modality
-    conditional, mask_items, step_cache = prep.conditional, prep.mask_items, prep.step_cache
-    scale = float(info["scale_factor"])
-    vae.to("cpu")
-    dtype = getattr(torch, plan.denoiser_dtype)
-    net.to(dtype)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    batch = plan.batch  # step noise comes per volume (its own seed stream): stochastic samplers batch too
-    meter = EnergyMeter(country=country, enabled=energy)
-    # each volume goes to disk as soon as it is decoded: a run that fails late keeps what it made
-    writer = VolumeWriter(out, meter, modality, geometry)
-    mem = memory_key(dev.type)
-    base = out.path if out is not None else None  # sidecar paths are relative to the output folder
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices) * steps, desc="denoise", unit="step", dynamic_ncols=True)
-    fn = D.network_fn(net, conditional, dtype)
-    for first in range(0, len(indices), batch):
-        group = indices[first:first + batch]
-        _give_device(net, vae, dev)
+    with output_folder(out, overwrite, format) as out:  # a path: locked until this call returns
+        prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache)
+        if out is not None:
+            out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
+        indices = list(range(n)) if indices is None else list(indices)
+        net, vae, plan = _load_and_plan(prep, len(indices) or 1, max_vram)
+        dev = prep.dev
+        vae.to("cpu")
+        net.to(getattr(torch, plan.denoiser_dtype))
         if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        # noise from each volume's own seed, so batching does not change a volume
-        noise = torch.cat([torch.randn((1,) + latent_shape, generator=torch.Generator().manual_seed(seed + i))
-                           for i in group]).to(dev)
-        cond = null = None
-        if conditional:
-            # in the network's dtype (network_fn casts to it anyway: the same values, not held twice);
-            # the null condition only where a guided call needs it (planner.condition_bytes)
-            cond = torch.stack([mask_items[i][1] for i in group]).to(dev, dtype)
-            null = torch.zeros_like(cond) if prep.guided else None
-        t0 = time.perf_counter()
-        # the cache starts empty for each batch (attach resets it) and leaves the model afterwards
-        with meter.phase("denoise"), (step_cache.attach(net) if step_cache is not None else nullcontext()):
-            z = D.sample(fn, noise.shape, schedule, sampler=sampler, steps=steps, eta=eta,
-                         guidance_scale=guidance if conditional else None, cond=cond, null_cond=null,
-                         noise=noise, step_seeds=[seed + i for i in group], device=dev,
-                         # flow runs record the DDPM default prediction; the Euler sampler takes velocity only
-                         prediction_type=diff.get("prediction") if objective == "ddpm" else None,
-                         progress=(lambda k, total: bar.update(len(group))) if bar is not None else None)
-        seconds = (time.perf_counter() - t0) / len(group)
-        # one decision per block call for the whole batch: every volume of it ran and skipped the same blocks
-        cache_stats = step_cache.stats() if step_cache is not None else None
-        peak = _peak_memory(dev)
-        latents = {i: (z[j:j + 1] / scale).float().cpu() for j, i in enumerate(group)}
-        del z, noise, cond, null
-        _give_device(vae, net, dev)  # the decoder gets the GPU to itself
-        for i in group:
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            tile_bar = None
-            if not quiet:
-                from tqdm import tqdm
+            torch.cuda.empty_cache()
+        pipeline = SamplingPipeline(
+            prep.spec, prep.request, _TorchDenoiser(net, vae, dev, plan, prep),
+            _TorchDecoder(vae, net, dev, plan, log=None if quiet else (lambda msg: print(msg, flush=True))),
+            sources={"model": prep.denoiser_dir, "vae": prep.vae_dir}, labels={"preset": embedded_name(model)},
+            extra={"plan": plan.to_dict(), "device": _device_name(dev), "engine": engine}, quantize=quantize)
+        return pipeline(indices, out, energy=energy, country=country, quiet=quiet)
 
-                tile_bar = tqdm(desc="decode", unit="plane", dynamic_ncols=True, leave=False)
-            t1 = time.perf_counter()
-            with meter.phase("decode"):
-                # snapped to the nearest codebook entries first, as the published samplers decode
-                z = latents.pop(i).to(dev)
-                z = vae.quantizer.lookup(z)[1] if quantize else z
-                image = decode_latent(vae, z, plan.decode_chunk, axis=plan.decode_axis,
-                                      progress=(lambda k, total: (setattr(tile_bar, "total", total),
-                                                                  tile_bar.update(k - tile_bar.n)))
-                                      if tile_bar is not None else None,
-                                      log=None if quiet else (lambda msg: print(msg, flush=True)))[0, 0].numpy()
-            if tile_bar is not None:
-                tile_bar.close()
-            decode_seconds = round(time.perf_counter() - t1, 3)
-            volume = image_to_volume(image, modality)
-            entry = {"model": portable_path(denoiser_dir, base), "vae": portable_path(vae_dir, base),
-                     "kind": info["kind"], "preset": embedded_name(model), "seed": seed + i, "index": i,
-                     "sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance if conditional else None,
-                     "timings_s": {"denoise": round(seconds, 3), "decode": decode_seconds},
-                     mem: {"denoise": peak, "decode": _peak_memory(dev)},
-                     "plan": plan.to_dict(), "device": _device_name(dev), "engine": engine, "cache": cache_stats}
-            if conditional:
-                entry["mask"] = "null condition" if unconditional else portable_path(mask_items[i][0], base)
-            # a conditioned volume takes its map's geometry, so the two overlay in any viewer
-            writer.add({"volume": volume, "affine": mask_items[i][3] if conditional else affine,
-                        "metadata": entry, "files": {}, "mask": mask_items[i][2] if conditional else None})
-    if bar is not None:
-        bar.close()
-    return writer.finish()
+
+class _TorchDenoiser:
+    """The pipeline's denoiser adapter for the torch runtime: the network in the planned dtype,
+    the planned batch, on a GPU alone on the device while it runs, with the step cache attached."""
+
+    def __init__(self, net, vae, dev, plan, prep: SimpleNamespace):
+        self.net, self.vae, self.dev, self.step_cache = net, vae, dev, prep.step_cache
+        self.spec, self.request, self.schedule = prep.spec, prep.request, prep.schedule
+        self.dtype = getattr(torch, plan.denoiser_dtype)
+        self.batch = plan.batch
+        self.memory_key = memory_key(dev.type)
+        self.fn = D.network_fn(net, self.spec.conditional, self.dtype)
+
+    @contextmanager
+    def session(self):
+        _give_device(self.net, self.vae, self.dev)
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        # the cache starts empty for each batch (attach resets it) and leaves the model afterwards
+        with torch.no_grad(), (self.step_cache.attach(self.net) if self.step_cache is not None else nullcontext()):
+            yield
+
+    def noise(self, indices, seeds, shape):
+        return torch.cat([torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(s))
+                          for s in seeds]).to(self.dev)
+
+    def condition(self, a):
+        # in the network's dtype (network_fn casts to it anyway: the same values, not held twice)
+        return torch.from_numpy(a).to(self.dev, self.dtype)
+
+    def denoise(self, x, guidance, cond, null, seeds, progress=None):
+        req, spec = self.request, self.spec
+        return D.sample(self.fn, x.shape, self.schedule, sampler=req.sampler, steps=req.steps, eta=req.eta,
+                        guidance_scale=guidance, cond=cond, null_cond=null, noise=x, step_seeds=seeds,
+                        device=self.dev, progress=progress,
+                        # flow runs record the DDPM default prediction; the Euler sampler takes velocity only
+                        prediction_type=spec.prediction if spec.objective == "ddpm" else None)
+
+    def host(self, z):
+        return z.float().cpu()
+
+    def peak_memory(self) -> float:
+        return _peak_memory(self.dev)
+
+    def batch_metadata(self) -> dict:
+        return {"cache": self.step_cache.stats() if self.step_cache is not None else None}
+
+
+class _TorchDecoder:
+    """The pipeline's decoder adapter for the torch runtime: codebook lookup, then the streamed
+    (or tiled) decode of the plan's chunk, retried smaller on CUDA out-of-memory."""
+
+    unit = "plane"
+
+    def __init__(self, vae, net, dev, plan, log=None):
+        self.vae, self.net, self.dev, self.plan, self.log = vae, net, dev, plan, log
+
+    @contextmanager
+    def session(self):
+        _give_device(self.vae, self.net, self.dev)  # the decoder gets the GPU to itself
+        with torch.no_grad():
+            yield
+
+    def __call__(self, z, quantize: bool, progress=None) -> np.ndarray:
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        z = z.to(self.dev)
+        z = self.vae.quantizer.lookup(z)[1] if quantize else z
+        return decode_latent(self.vae, z, self.plan.decode_chunk, axis=self.plan.decode_axis, progress=progress,
+                             log=self.log)[0, 0].numpy()
+
+    def peak_memory(self) -> float:
+        return _peak_memory(self.dev)
 
 
 def _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache,
              need_masks: bool = True) -> SimpleNamespace:
     """The checks of a torch-runtime request that need no weights (the numbers, the cache threshold,
-    the model folder and its model.json, guidance, the masks), and what sampling takes from them.
-    need_masks=False (a plan only): a mask-conditioned model may come without masks (checked if given)."""
+    the model folder and its model.json, then spec.check_inputs: guidance, sampler, steps, masks), and
+    the noise schedule. need_masks=False (a plan only): masks may be left out (checked if given)."""
     from medgen_rt.models.step_cache import StepCache
     from medgen_rt.runtime.device import pick_device
     from medgen_rt.sampling.planner import parse_memory
-    from medgen_rt.sampling.summary import check_guidance, check_request
+    from medgen_rt.sampling.spec import ModelSpec, check_inputs
+    from medgen_rt.sampling.summary import check_request
 
     check_request(n, seed, steps, guidance, eta)
     parse_memory(max_vram, "--max-vram")
     step_cache = StepCache(cache) if cache is not None else None  # a bad threshold fails before any load
     denoiser_dir, vae_dir = resolve_model(model)
     dev = device if isinstance(device, torch.device) else pick_device(device or "auto")
-    info = json.loads((denoiser_dir / "model.json").read_text())
-    vae_info = json.loads((vae_dir / "model.json").read_text())
-    diff = info["diffusion"]
-    objective = diff["objective"]
-    sampler = sampler or ("euler" if objective == "flow" else "ddim")
-    steps = steps or (diff["timesteps"] if sampler == "ddpm" else info.get("default_steps") or 50)
-    schedule = D.make_schedule(diff["schedule"], diff["timesteps"]) if objective == "ddpm" else None
-    geometry = info.get("geometry") or {}
-    image_shape = tuple(geometry.get("image_shape") or ())
-    affine = np.asarray(geometry.get("affine") or np.eye(4))
-    conditional = info["kind"] in ("tgca", "controlnet")
-    check_guidance(guidance, conditional, unconditional, repr(model))
-    mask_items = None
-    if conditional:
-        if unconditional:
-            if masks is not None:
-                raise ValueError("masks and unconditional exclude each other: the null condition has no map")
-            if need_masks:
-                null_map = torch.zeros((len(info.get("mask_labels") or []),) + tuple(image_shape[:3]))
-                mask_items = [(None, null_map, None, affine)] * n
-        elif masks is not None:
-            mask_items = _load_masks(masks, info, n, image_shape, affine)
-        elif need_masks:
-            raise ValueError(f"model {model!r} is mask-conditioned: pass masks (a NIfTI file or a folder), or "
-                             "sample unconditionally (--unconditional) through the null condition")
-    elif masks is not None:
-        raise ValueError(f"model {model!r} is not mask-conditioned; masks cannot be used")
-    return SimpleNamespace(
-        denoiser_dir=denoiser_dir, vae_dir=vae_dir, dev=dev, info=info, diff=diff, objective=objective,
-        sampler=sampler, steps=steps, schedule=schedule, latent_shape=tuple(info["latent_shape"]),
-        geometry=geometry, affine=affine, modality=info.get("modality") or vae_info.get("modality"),
-        conditional=conditional, mask_items=mask_items, step_cache=step_cache,
-        # the sampler runs the doubled (condition + null) batch for any guidance scale, 1.0 included
-        guided=conditional and guidance is not None)
+    spec = ModelSpec.from_model_json(json.loads((denoiser_dir / "model.json").read_text()),
+                                     json.loads((vae_dir / "model.json").read_text()))
+    request = check_inputs(spec, repr(model), n, seed, steps, sampler, guidance, eta, masks, unconditional,
+                           need_masks)
+    diff = spec.diffusion
+    schedule = D.make_schedule(diff["schedule"], diff["timesteps"]) if spec.objective == "ddpm" else None
+    return SimpleNamespace(denoiser_dir=denoiser_dir, vae_dir=vae_dir, dev=dev, spec=spec, request=request,
+                           schedule=schedule, step_cache=step_cache, guided=request.guided)
 
 
 def _load_and_plan(prep: SimpleNamespace, n: int, max_vram, on=None) -> tuple:
@@ -370,7 +311,7 @@ def _load_and_plan(prep: SimpleNamespace, n: int, max_vram, on=None) -> tuple:
         cached_dit(net)  # a U-Net is refused before any sampling
     # the whole plan first (on CUDA it measures both networks once, then only the denoiser stays on the GPU)
     on = prep.dev if on is None else on
-    plan = plan_sampling(net.to(on), vae.to(on), prep.latent_shape, n=n, guidance=prep.guided,
+    plan = plan_sampling(net.to(on), vae.to(on), prep.spec.latent_shape, n=n, guidance=prep.guided,
                          max_vram=max_vram, device=prep.dev)
     return net, vae, plan
 
@@ -414,5 +355,4 @@ def _device_name(dev) -> str:
     return str(dev)
 
 
-_SAMPLE_PARAMS = tuple(inspect.signature(sample).parameters)
 

@@ -230,14 +230,14 @@ def analytic_decode_cost(vae: nn.Module, latent_spatial: Sequence[int], axis: in
     for one latent plane of chunk (planes scale with the layer's upsampling), plus
     the planes every layer keeps for its neighbours; times a slack for transient
     copies. latent_spatial: the decoder input's spatial shape (a cine slice for cine)."""
-    from medgen_rt.models.vqgan import _conv_layers
+    from medgen_rt.models.vqgan import conv_layers
 
     e = torch.finfo(dtype).bits // 8
     n = len(latent_spatial)
     cross = math.prod(s for a, s in enumerate(latent_spatial) if a != axis)
     factor = [1.0] * n  # the resolution of the current layer's input, relative to the latent
     step_peak = kept = 0.0
-    for conv in _conv_layers(vae.decoder):
+    for conv in conv_layers(vae.decoder):
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         out_factor = [f * conv.stride[a] if transposed else f / conv.stride[a] for a, f in enumerate(factor)]
         cs_in = math.prod(f for a, f in enumerate(factor) if a != axis)

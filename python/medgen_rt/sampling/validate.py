@@ -225,10 +225,10 @@ def check_weights_fit(info_path: Path, weights_path: Path, model, info: dict) ->
 
 
 def check_weights_finite(path: Path) -> None:
-    """No NaN/Inf in a safetensors file, read one tensor at a time (train.checkpoint.check_finite)."""
+    """No NaN/Inf in a safetensors file, read one tensor at a time (models.weights.check_finite)."""
     from safetensors import safe_open
 
-    from medgen_rt.train.checkpoint import check_finite
+    from medgen_rt.models.weights import check_finite
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -246,7 +246,7 @@ def check_model_folder(denoiser_dir, vae_dir) -> tuple:
     model.json structure, scale factor, geometry, that each weights file's tensors fit the
     model its model.json describes, and that they are finite. Returns (denoiser info, VQ-GAN info)."""
     from medgen_rt.sampling.decode import decoder_geometry
-    from medgen_rt.train.checkpoint import model_weights_path, read_model_info
+    from medgen_rt.io.run_folder import model_weights_path, read_model_info
 
     denoiser_dir, vae_dir = Path(denoiser_dir), Path(vae_dir)
     info_path, vae_path = denoiser_dir / "model.json", vae_dir / "model.json"

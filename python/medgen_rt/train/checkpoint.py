@@ -1,4 +1,4 @@
-"""Run folders and checkpoints.
+"""Writing run folders, and the training checkpoints (write, find, read back to resume).
 
     RUN/config.yaml            the resolved configuration of the run
     RUN/model.json             what the run trains (kind, model config, extras)
@@ -13,6 +13,10 @@ Weights are safetensors. trainer_state.pt holds optimizer and RNG states and is
 read back with torch.load(weights_only=True): nothing is unpickled. A
 checkpoint folder is written under a temporary name and renamed when complete,
 so a killed run never leaves a half checkpoint that `--resume` would pick up.
+
+Reading a finished run's model (model.json, weights) lives below train/, in
+:mod:`medgen_rt.io.run_folder` (torch-free) and :mod:`medgen_rt.models.weights`, so
+models/ and sampling/ never import train/.
 """
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from medgen_rt.io.atomic import atomic_path
 from medgen_rt.io.limits import check_zip_records
-from medgen_rt.io.sidecar import read_json, write_json_atomic
+from medgen_rt.io.run_folder import flatten_modules, unflatten_modules
+from medgen_rt.io.sidecar import write_json_atomic
+from medgen_rt.models.weights import load_weights
 
 
 def state_dict_tensors(module: torch.nn.Module) -> dict:
@@ -38,16 +44,6 @@ def state_dict_tensors(module: torch.nn.Module) -> dict:
 def save_weights(path: Path, tensors: dict, metadata: Optional[dict] = None) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-def load_weights(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -63,9 +59,9 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict, ema: Optional[dict
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save_weights(tmp / "weights.safetensors", _flatten(weights))
+        save_weights(tmp / "weights.safetensors", flatten_modules(weights))
         if ema is not None:
-            save_weights(tmp / "ema.safetensors", _flatten(ema))
+            save_weights(tmp / "ema.safetensors", flatten_modules(ema))
         with atomic_path(tmp / "trainer_state.pt") as path:  # a full disk becomes an OSError naming the file
             torch.save(trainer_state, path)
         with atomic_path(tmp / "state.json") as path:
@@ -93,8 +89,9 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 def read_checkpoint(path: Path) -> dict:
     path = Path(path)
     out = {
-        "weights": _unflatten(load_weights(path / "weights.safetensors")),
-        "ema": _unflatten(load_weights(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None,
+        "weights": unflatten_modules(load_weights(path / "weights.safetensors")),
+        "ema": (unflatten_modules(load_weights(path / "ema.safetensors"))
+                if (path / "ema.safetensors").exists() else None),
         "trainer_state": _load_trainer_state(path / "trainer_state.pt"),
         "state": json.loads((path / "state.json").read_text()),
     }
@@ -109,64 +106,10 @@ def _load_trainer_state(path: Path) -> dict:
 def write_model_files(run_dir: Path, weights: dict, ema: Optional[dict], model_info: dict) -> None:
     """The final, loadable model of a run: what `medgen encode` / `medgen sample` read."""
     run_dir = Path(run_dir)
-    save_weights(run_dir / "weights.safetensors", _flatten(weights))
+    save_weights(run_dir / "weights.safetensors", flatten_modules(weights))
     if ema is not None:
-        save_weights(run_dir / "ema.safetensors", _flatten(ema))
+        save_weights(run_dir / "ema.safetensors", flatten_modules(ema))
     write_json_atomic(run_dir / "model.json", model_info)
-
-
-def _flatten(modules: dict) -> dict:
-    """{module: {param: tensor}} -> {"module/param": tensor}"""
-    return {f"{m}/{k}": v for m, tensors in modules.items() for k, v in tensors.items()}
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        module, _, name = key.partition("/")
-        out.setdefault(module, {})[name] = value
-    return out
-
-
-def read_model_info(run_dir: Path) -> dict:
-    """A finished run's model.json as a dict; errors name the file."""
-    info_path = Path(run_dir) / "model.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a medgen_rt run folder (no model.json); "
-                                "train one with `medgen train` first")
-    info = read_json(info_path)
-    if not isinstance(info, dict):
-        raise ValueError(f"{info_path}: expected a JSON object, found a JSON {type(info).__name__}")
-    return info
-
-
-def model_weights_path(run_dir: Path, prefer_ema: bool = True) -> Path:
-    """The weights file a finished run is loaded from: EMA when present and preferred."""
-    run_dir = Path(run_dir)
-    return run_dir / ("ema.safetensors" if prefer_ema and (run_dir / "ema.safetensors").exists()
-                      else "weights.safetensors")
-
-
-def check_finite(path: Path, tensors: dict) -> None:
-    """Raise ValueError naming the file and the tensor when weights hold NaN or Inf: a corrupt
-    file would otherwise sample normal-looking garbage (all NaN weights decode to one constant volume)."""
-    for key, value in tensors.items():
-        if value.is_floating_point() or value.is_complex():
-            bad = int(value.numel() - torch.isfinite(value).sum())
-            if bad:
-                raise ValueError(f"{path}: tensor {key} has {bad} non-finite value(s) (NaN/Inf) of "
-                                 f"{value.numel()}; the weights are corrupt")
-
-
-def read_model_weights(run_dir: Path, prefer_ema: bool = True) -> tuple:
-    """({module: tensors}, model_info) of a finished run; EMA weights when present and preferred.
-    Non-finite weights raise ValueError naming the file and the tensor."""
-    run_dir = Path(run_dir)
-    info = read_model_info(run_dir)
-    path = model_weights_path(run_dir, prefer_ema)
-    flat = load_weights(path)
-    check_finite(path, {k: v for k, v in flat.items() if k.startswith("model/")})  # the network loaded
-    return _unflatten(flat), info
 
 
 def _prune(folder: Path, keep: int) -> None:

@@ -50,7 +50,7 @@ def resolve_teacher(arg: str) -> tuple:
     """(teacher run folder, its VQ-GAN folder, model info) for --teacher: a run folder or an
     embedded model name, as `medgen sample --model` takes them. Errors name --teacher."""
     from medgen_rt.sampling.api import resolve_model  # lazy: sampling's model lookup, no import cycle
-    from medgen_rt.train.checkpoint import read_model_info
+    from medgen_rt.io.run_folder import read_model_info
 
     try:
         teacher, vae = resolve_model(arg)
@@ -123,7 +123,7 @@ def distill_config(args) -> dict:
 
 
 def _weights_file(run: Path) -> Path:
-    from medgen_rt.train.checkpoint import model_weights_path
+    from medgen_rt.io.run_folder import model_weights_path
 
     return model_weights_path(run)  # the file load_model reads (EMA when present)
 
