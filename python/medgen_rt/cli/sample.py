@@ -91,6 +91,10 @@ def run(args) -> int:
 
             gathered = [None] * world
             dist.all_gather_object(gathered, metadata)
+            # every rank past the gather before any tears its gloo pairs down: a rank that
+            # destroys the group while another still finishes the collective can abort it
+            # (SIGABRT, "terminate called without an active exception"; seen once in CI)
+            dist.barrier()
             dist.destroy_process_group()
             metadata = [m for part in gathered for m in part]
         if rank > 0:
