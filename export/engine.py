@@ -25,7 +25,7 @@ from medgen_rt.export.onnx_export import FORMAT, FORMAT_VERSION
 from medgen_rt.runtime.schedulers import denoise_loop, make_scheduler, step_noise
 from medgen_rt.runtime.tiling import plan_tiles
 from medgen_rt.sampling.pipeline import SamplingPipeline
-from medgen_rt.sampling.spec import ModelSpec, check_inputs, load_masks, output_folder
+from medgen_rt.sampling.spec import ModelSpec, check_inputs, output_folder
 from medgen_rt.sampling.summary import check_request, memory_key
 from medgen_rt.sampling.validate import check_manifest, check_session_input, export_file, load_codebook
 
@@ -259,12 +259,6 @@ class OnnxEngine:
                        "precision": "fp32" if self.dtype == np.float32 else "fp16",
                        "exported_by": self.manifest.get("medgen_rt_version")}, quantize=quantize)
             return pipeline(range(n), out, energy=energy, country=country, quiet=quiet)
-
-    def _masks(self, masks, n: int) -> list:
-        """spec.load_masks with the manifest's labels and mask shape (tests use it)."""
-        m = self.manifest
-        return load_masks(masks, m.get("mask_labels") or [], m["mask_shape"][1:], n,
-                          (m.get("geometry") or {}).get("affine") or np.eye(4))
 
 
 class _Denoiser:

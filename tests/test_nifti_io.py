@@ -318,20 +318,15 @@ def test_sheared_affine_warns_and_keeps_exact_sform(tmp_path):
 
 
 def test_every_mask_reader_refuses_non_integer_labels(tmp_path):
-    """check_labels holds the integer check, so both sampling engines (and every other reader) share it."""
-    from types import SimpleNamespace
-
-    from medgen_rt.export.engine import OnnxEngine
+    """check_labels holds the integer check; both sampling engines read masks through spec.load_masks."""
     from medgen_rt.io.nifti import check_labels
-    from medgen_rt.sampling.api import _load_masks
+    from medgen_rt.sampling.spec import load_masks
 
     vol = np.zeros((4, 4, 4), np.float32)
     vol[1, 1, 1] = 1.5  # int() would have read it as label 1
     p = write_volume(tmp_path / "m.nii.gz", vol)
     with pytest.raises(ValueError, match=r"m\.nii\.gz: mask values must be integer labels, found 1\.5"):
-        OnnxEngine._masks(SimpleNamespace(manifest={"mask_labels": [1], "mask_shape": [1, 4, 4, 4]}), str(p), 1)
-    with pytest.raises(ValueError, match=r"m\.nii\.gz: mask values must be integer labels, found 1\.5"):
-        _load_masks(str(p), {"mask_labels": [1]}, 1, (4, 4, 4), np.eye(4))
+        load_masks(str(p), [1], (4, 4, 4), 1, np.eye(4))
     for bad in (np.nan, np.inf):
         with pytest.raises(NiftiError, match="integer labels"):
             check_labels(p, np.array([0.0, bad]), [1])

@@ -118,14 +118,6 @@ def decode_latent(vae, latent: torch.Tensor, chunk: int, axis: Optional[int] = N
             retry(f"tiles of {core} latent voxels")
 
 
-def _load_masks(masks, info: dict, n: int, image_shape: tuple, affine: np.ndarray) -> list:
-    """spec.load_masks with model.json's labels, as (path, one-hot, labels, affine) per volume (tests use it)."""
-    from medgen_rt.sampling.spec import load_masks
-
-    return [(m.path, m.onehot, m.labels, m.affine)
-            for m in load_masks(masks, info.get("mask_labels") or [], image_shape[:3], n, affine)]
-
-
 def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[int] = None,
            sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
