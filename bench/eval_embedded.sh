@@ -4,6 +4,9 @@
 # CINE_MODEL / CT_MODEL: a model folder or an embedded name (cine, ct); TRAIN_CINE: the cine model's
 # training phantoms (`medgen phantom cmr4d --n 400`), for the copy screen. Fresh phantoms of seeds the
 # models never saw: cine 777 (16, the reference) and 778 (8, the control); CT maps 4242 (8).
+# Realism (band-passed, whole volume) and local realism of each cine set are in its
+# quality-*/report.json (`medgen eval quality`); bench/eval_defaults.py, which computed a
+# plain and a band-passed realism of its own, is retired.
 set -euo pipefail
 CINE=$1; CT=$2; TRAIN=$3; OUT=$4
 mkdir -p "$OUT"
@@ -15,8 +18,6 @@ for S in cine-samples cine-fresh8; do
   medgen eval memorization --train "$TRAIN" --val "$OUT/cine-fresh" --synthetic "$OUT/$S" --out "$OUT/memo-$S" --encoder "$E" --quiet
   medgen eval quality --real "$OUT/cine-fresh" --synthetic "$OUT/$S" --out "$OUT/quality-$S" --encoder "$E" --quiet
 done
-python "$(dirname "$0")/eval_defaults.py" --real "$OUT/cine-fresh" --set fresh8="$OUT/cine-fresh8" samples="$OUT/cine-samples" \
-    --out "$OUT/cine-band-passed.json"
 medgen phantom ct --n 8 --seed 4242 --shape 64 64 32 --spacing 2.8 2.8 4.0 --out "$OUT/ct-maps" --quiet
 medgen sample --model "$CT" --masks "$OUT/ct-maps/masks" --n 8 --out "$OUT/ct-samples" --quiet
 python "$(dirname "$0")/ct_dice.py" "$OUT/ct-samples"
