@@ -47,6 +47,34 @@ def parse_setting(text: str, students: dict) -> dict:
             "cache": float(m["cache"]) if m["cache"] else None}
 
 
+def cache_counts(meta: list) -> dict:
+    """Step-cache counts of one setting from its volumes' sidecars (in index order, indices 0..n-1).
+
+    A sidecar's ``cache`` counts the block calls of the volume's whole batch (the plan's
+    ``batch`` volumes denoised together, one decision per block call for all of them), and every
+    volume of that batch repeats them, so a sum over volumes counts each batch once per volume.
+    Here: each batch counted once (``block_evaluations``, ``blocks_skipped``: the block calls run
+    and skipped in the whole setting), and per volume the calls of the batch that made it
+    (``block_evaluations_per_volume``, ``blocks_skipped_per_volume``: means over the volumes; a
+    batched call makes all its volumes at once, so this is what one volume cost whatever the batch).
+    Empty without a cache."""
+    stats = [(m.get("index", i), m["cache"], m["plan"]["batch"]) for i, m in enumerate(meta) if m.get("cache")]
+    if not stats:
+        return {}
+    batches: dict = {}
+    for index, cache, batch in stats:
+        batches.setdefault(index // batch, []).append(cache)
+    for group in batches.values():  # one batch, one count: a mismatch means the grouping is wrong
+        if any(c != group[0] for c in group):
+            raise SystemExit(f"fewstep: the sidecars of one batch disagree on the step cache: {group}")
+    evaluated = sum(g[0]["block_evaluations"] for g in batches.values())
+    skipped = sum(g[0]["blocks_skipped"] for g in batches.values())
+    return {"batches": len(batches), "block_evaluations": evaluated, "blocks_skipped": skipped,
+            "block_evaluations_per_volume": float(np.mean([c["block_evaluations"] for _, c, _ in stats])),
+            "blocks_skipped_per_volume": float(np.mean([c["blocks_skipped"] for _, c, _ in stats])),
+            "skipped_fraction": skipped / (evaluated + skipped) if evaluated + skipped else 0.0}
+
+
 def run_cli(args: list) -> None:
     subprocess.run([sys.executable, "-m", "medgen_rt", *args], check=True, stdout=subprocess.DEVNULL)
 
@@ -85,15 +113,11 @@ def main(argv=None) -> int:
                                    masks=a.masks, cache=st["cache"], out=folder, overwrite=True, quiet=True)
         wall = time.perf_counter() - t0
         meta = [r["metadata"] for r in results]
-        cache = [m.get("cache") for m in meta if m.get("cache")]
         energy = meta[-1].get("energy") or {}
         row = {"setting": st["name"], "n": len(results), "wall_s": wall, "wall_s_per_volume": wall / len(results),
                "kwh_per_volume": (energy.get("run_kwh") / len(results)) if energy.get("run_kwh") is not None else None,
                "steps": meta[0].get("steps"), "sampler": meta[0].get("sampler"),
-               "block_evaluations": sum(c["block_evaluations"] for c in cache) if cache else None,
-               "blocks_skipped": sum(c["blocks_skipped"] for c in cache) if cache else None}
-        if cache:  # the counts are per batch call and repeat in each of its volumes' sidecars: read the share
-            row["skipped_fraction"] = row["blocks_skipped"] / (row["blocks_skipped"] + row["block_evaluations"])
+               "block_evaluations": None, "blocks_skipped": None, **cache_counts(meta)}
         q = work / tag / "quality"
         run_cli(["eval", "quality", "--real", str(a.real), "--synthetic", str(folder), "--out", str(q), "--quiet",
                  *(["--encoder", a.encoder] if a.encoder else [])])
