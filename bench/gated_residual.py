@@ -23,7 +23,7 @@ from common import benchmarkable_backends, device_description, median_times, ver
 from medgen_rt import ops  # noqa: E402
 
 # (B, N, C): the two sizes first (DiT-S-wide tokens, DiT-B/2 on the 256^2x128 ct-ds8 latent),
-# then DiT-L and cine DiT4D-S tokens, as in bench/adaln.py
+# then DiT-L and cine DiT4D-S tokens, as in bench/adaln_modulate.py
 DEFAULT_SHAPES = [(2, 4096, 384), (1, 16384, 768), (1, 16384, 1152), (2, 6144, 384)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -3,7 +3,7 @@
     python bench/run_all.py                       # CPU suite (this machine: ~12 min)
     python bench/run_all.py --device cuda --out bench/results/all-h100-2026-11-25.json
 
-Runs each op's script (bench/adaln.py, gated_residual.py, vq_nearest.py,
+Runs each op's script (bench/adaln_modulate.py, gated_residual.py, vq_nearest.py,
 attention.py, tile_blend.py, patch_embed.py) and bench/dit.py in a child
 process with the device's shapes and collects their JSON under one device
 description; a script that fails is recorded with its error and the others
@@ -24,7 +24,7 @@ from common import device_description, versions, write_json  # noqa: E402
 HERE = Path(__file__).parent
 # script -> extra arguments per device type
 SUITE = {
-    "adaln.py": {"cpu": [], "cuda": ["--dtype", "float32", "bfloat16"]},
+    "adaln_modulate.py": {"cpu": [], "cuda": ["--dtype", "float32", "bfloat16"]},
     "gated_residual.py": {"cpu": [], "cuda": ["--dtype", "float32", "bfloat16"]},
     "vq_nearest.py": {"cpu": [], "cuda": []},
     "attention.py": {"cpu": [], "cuda": []},

@@ -1,8 +1,8 @@
 """Benchmark adaln_modulate: the reference against every backend that can run
 here, in one run, forward and forward+backward.
 
-    python bench/adaln.py                       # CPU, the shapes below, float32
-    python bench/adaln.py --device cuda --dtype bfloat16 --out bench/results/adaln-h100.json
+    python bench/adaln_modulate.py              # CPU, the shapes below, float32
+    python bench/adaln_modulate.py --device cuda --dtype bfloat16 --out bench/results/adaln-modulate-h100.json
 
 Writes JSON: device, versions, and per (shape, dtype, pass, backend) the median
 time, effective GB/s (bytes that must move at least once) and the ratio to the
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                    help="repeatable; default: a DiT-S/B/L and cine set")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--out", default="bench/results/adaln.json")
+    p.add_argument("--out", default="bench/results/adaln-modulate.json")
     args = p.parse_args(argv)
 
     device = args.device
