@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(2) as pool:  # nvcc is single-threaded per file
         records = [r for rs in pool.map(lambda cu: compile_one(cu, args.arch, compiler), sources) for r in rs]
     records.sort(key=lambda r: (r["file"], r["kernel"], r["arch"]))
-    # A stack frame without spills is a local array by design (vq_kernel's generic-D row): reported, not failed.
+    # A stack frame without spills is a local array by design (vq_nearest_kernel's generic-D row): reported, not failed.
     bad = [r for r in records if r["spill_stores"] or r["spill_loads"] or r["registers"] > 255]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"nvcc": version, "flags": FLAGS[:4] + ["-Icsrc", "-Xptxas", "-v"],

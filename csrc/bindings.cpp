@@ -54,8 +54,8 @@ float* stats_ptr(const py::object& obj, int64_t rows, int device, const char* na
   return t.data<float>();
 }
 
-void adaln_forward(const TensorDesc& x, const TensorDesc& shift, const TensorDesc& scale, const TensorDesc& y,
-                   const py::object& mean, const py::object& rstd, float eps, std::uintptr_t stream) {
+void adaln_modulate_forward(const TensorDesc& x, const TensorDesc& shift, const TensorDesc& scale, const TensorDesc& y,
+                            const py::object& mean, const py::object& rstd, float eps, std::uintptr_t stream) {
   require_device(x, "adaln_modulate");
   check(x.dim() == 3, "x: expected a (B, N, C) tensor");
   check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
@@ -65,13 +65,13 @@ void adaln_forward(const TensorDesc& x, const TensorDesc& shift, const TensorDes
   check_rows(y, B, N, C, x.dtype, x.device, "y");
   check_mod(shift, B, C, x.dtype, x.device, "shift");
   check_mod(scale, B, C, x.dtype, x.device, "scale");
-  AdaLNArgs a{x.dtype, B, N, C,
-              x.data<void>(), x.stride(0), x.stride(1),
-              shift.data<void>(), shift.stride(0),
-              scale.data<void>(), scale.stride(0),
-              y.data<void>(), y.stride(0), y.stride(1),
-              stats_ptr(mean, B * N, x.device, "mean"), stats_ptr(rstd, B * N, x.device, "rstd"),
-              eps, x.device, stream};
+  AdaLNModulateArgs a{x.dtype, B, N, C,
+                      x.data<void>(), x.stride(0), x.stride(1),
+                      shift.data<void>(), shift.stride(0),
+                      scale.data<void>(), scale.stride(0),
+                      y.data<void>(), y.stride(0), y.stride(1),
+                      stats_ptr(mean, B * N, x.device, "mean"), stats_ptr(rstd, B * N, x.device, "rstd"),
+                      eps, x.device, stream};
   if (B * N == 0) return;
   py::gil_scoped_release release;
 #ifdef MEDGEN_WITH_CUDA
@@ -80,9 +80,9 @@ void adaln_forward(const TensorDesc& x, const TensorDesc& shift, const TensorDes
   cpu::adaln_modulate_forward(a);
 }
 
-void adaln_backward(const TensorDesc& dy, const TensorDesc& x, const TensorDesc& scale, const TensorDesc& mean,
-                    const TensorDesc& rstd, const TensorDesc& dx, const TensorDesc& dscale_partial,
-                    const TensorDesc& dshift_partial, std::uintptr_t stream) {
+void adaln_modulate_backward(const TensorDesc& dy, const TensorDesc& x, const TensorDesc& scale, const TensorDesc& mean,
+                             const TensorDesc& rstd, const TensorDesc& dx, const TensorDesc& dscale_partial,
+                             const TensorDesc& dshift_partial, std::uintptr_t stream) {
   require_device(x, "adaln_modulate backward");
   check(x.dim() == 3, "x: expected a (B, N, C) tensor");
   check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
@@ -101,15 +101,15 @@ void adaln_backward(const TensorDesc& dy, const TensorDesc& x, const TensorDesc&
     check(t->stride(0) == chunks * C && t->stride(1) == C && t->stride(2) == 1, "d*_partial: must be contiguous");
     check(t->device == x.device, "d*_partial: on a different device than x");
   }
-  AdaLNBackwardArgs a{x.dtype, B, N, C, chunks,
-                      dy.data<void>(), dy.stride(0), dy.stride(1),
-                      x.data<void>(), x.stride(0), x.stride(1),
-                      scale.data<void>(), scale.stride(0),
-                      stats_ptr(py::cast(mean), B * N, x.device, "mean"),
-                      stats_ptr(py::cast(rstd), B * N, x.device, "rstd"),
-                      dx.data<void>(), dx.stride(0), dx.stride(1),
-                      dscale_partial.data<float>(), dshift_partial.data<float>(),
-                      x.device, stream};
+  AdaLNModulateBackwardArgs a{x.dtype, B, N, C, chunks,
+                              dy.data<void>(), dy.stride(0), dy.stride(1),
+                              x.data<void>(), x.stride(0), x.stride(1),
+                              scale.data<void>(), scale.stride(0),
+                              stats_ptr(py::cast(mean), B * N, x.device, "mean"),
+                              stats_ptr(py::cast(rstd), B * N, x.device, "rstd"),
+                              dx.data<void>(), dx.stride(0), dx.stride(1),
+                              dscale_partial.data<float>(), dshift_partial.data<float>(),
+                              x.device, stream};
   check(a.mean && a.rstd, "mean/rstd: required for the backward");
   py::gil_scoped_release release;
 #ifdef MEDGEN_WITH_CUDA
@@ -120,8 +120,8 @@ void adaln_backward(const TensorDesc& dy, const TensorDesc& x, const TensorDesc&
 
 // ---- gated_residual -------------------------------------------------------------
 
-void gated_forward(const TensorDesc& x, const TensorDesc& gate, const TensorDesc& y, const TensorDesc& out,
-                   std::uintptr_t stream) {
+void gated_residual_forward(const TensorDesc& x, const TensorDesc& gate, const TensorDesc& y, const TensorDesc& out,
+                            std::uintptr_t stream) {
   require_device(x, "gated_residual");
   check(x.dim() == 3, "x: expected a (B, N, C) tensor");
   check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
@@ -144,8 +144,8 @@ void gated_forward(const TensorDesc& x, const TensorDesc& gate, const TensorDesc
   cpu::gated_residual_forward(a);
 }
 
-void gated_backward(const TensorDesc& dout, const TensorDesc& gate, const TensorDesc& y, const py::object& dy_obj,
-                    const py::object& dgate_obj, std::uintptr_t stream) {
+void gated_residual_backward(const TensorDesc& dout, const TensorDesc& gate, const TensorDesc& y,
+                             const py::object& dy_obj, const py::object& dgate_obj, std::uintptr_t stream) {
   require_device(dout, "gated_residual backward");
   check(dout.dim() == 3, "dout: expected a (B, N, C) tensor");
   check(is_float(dout.dtype), "dout: must be float32, float16 or bfloat16");
@@ -226,8 +226,8 @@ void vq_nearest(const TensorDesc& z, const TensorDesc& cb_t, const TensorDesc& c
 // dst += weight * src over one box; src and weight optional, weight may broadcast
 // (zero strides). Size-1 dimensions are dropped and neighbours that are
 // contiguous in every operand merged, so kernels see few, long dimensions.
-void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py::object& w_obj,
-                      std::uintptr_t stream) {
+void tile_blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py::object& w_obj,
+                           std::uintptr_t stream) {
   require_device(dst, "tile_blend");
   check(dst.dtype == DType::Float32, "dst: must be float32");
   const TensorDesc* src = src_obj.is_none() ? nullptr : &src_obj.cast<const TensorDesc&>();
@@ -242,7 +242,7 @@ void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py
     check(w->dtype == DType::Float32, "weight: must be float32");
     check_same_device(dst, *w, "weight");
   }
-  BlendArgs a{};
+  TileBlendArgs a{};
   a.src_dtype = src ? src->dtype : DType::Float32;
   a.dst = dst.data<float>();
   a.src = src ? src->data<void>() : nullptr;
@@ -262,7 +262,7 @@ void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py
       a.w_st[nd - 1] = ws;
       continue;
     }
-    check(nd < kMaxBlendDims, "tile_blend: too many non-mergeable dimensions (at most 8)");
+    check(nd < kMaxTileBlendDims, "tile_blend: too many non-mergeable dimensions (at most 8)");
     a.shape[nd] = n;
     a.dst_st[nd] = ds;
     a.src_st[nd] = ss;
@@ -276,9 +276,9 @@ void blend_accumulate(const TensorDesc& dst, const py::object& src_obj, const py
   a.ndim = nd;
   py::gil_scoped_release release;
 #ifdef MEDGEN_WITH_CUDA
-  if (dst.is_cuda()) return cuda::blend_accumulate(a);
+  if (dst.is_cuda()) return cuda::tile_blend_accumulate(a);
 #endif
-  cpu::blend_accumulate(a);
+  cpu::tile_blend_accumulate(a);
 }
 
 // Row-major with no gaps (size-1 dimensions may carry any stride, as torch's are).
@@ -292,7 +292,7 @@ bool is_dense(const TensorDesc& t) {
 }
 
 // out (B, C, *S) /= weight_sum (*S) where weight_sum > 0, both dense float32.
-void blend_normalize(const TensorDesc& out, const TensorDesc& weight_sum, std::uintptr_t stream) {
+void tile_normalize(const TensorDesc& out, const TensorDesc& weight_sum, std::uintptr_t stream) {
   require_device(out, "tile_normalize");
   check(out.dtype == DType::Float32 && weight_sum.dtype == DType::Float32,
         "tile_normalize: out and weight_sum must be float32");
@@ -300,7 +300,7 @@ void blend_normalize(const TensorDesc& out, const TensorDesc& weight_sum, std::u
   check_shape(weight_sum, std::vector<int64_t>(out.shape.begin() + 2, out.shape.end()), "weight_sum");
   check_same_device(out, weight_sum, "weight_sum");
   check(is_dense(out) && is_dense(weight_sum), "tile_normalize: out and weight_sum must be contiguous");
-  NormalizeArgs a{};
+  TileNormalizeArgs a{};
   a.out = out.data<float>();
   a.w = weight_sum.data<float>();
   a.planes = out.size(0) * out.size(1);
@@ -310,9 +310,9 @@ void blend_normalize(const TensorDesc& out, const TensorDesc& weight_sum, std::u
   a.stream = stream;
   py::gil_scoped_release release;
 #ifdef MEDGEN_WITH_CUDA
-  if (out.is_cuda()) return cuda::blend_normalize(a);
+  if (out.is_cuda()) return cuda::tile_normalize(a);
 #endif
-  cpu::blend_normalize(a);
+  cpu::tile_normalize(a);
 }
 
 // ---- patch_embed / unpatchify -------------------------------------------------------
@@ -339,9 +339,9 @@ int pad_patch(const std::vector<int64_t>& patch, const std::vector<int64_t>& spa
   return nd;
 }
 
-void patch_embed(const TensorDesc& x, const TensorDesc& weight, const py::object& bias_obj,
-                 const py::object& pos_obj, const TensorDesc& out, const std::vector<int64_t>& patch,
-                 std::uintptr_t stream) {
+void patch_embed_forward(const TensorDesc& x, const TensorDesc& weight, const py::object& bias_obj,
+                         const py::object& pos_obj, const TensorDesc& out, const std::vector<int64_t>& patch,
+                         std::uintptr_t stream) {
   require_device(x, "patch_embed");
   check(is_float(x.dtype), "x: must be float32, float16 or bfloat16");
   check(x.dim() >= 3, "x: expected (B, C, *spatial)");
@@ -457,10 +457,10 @@ const float* attention_table(const py::object& obj, int64_t rows, int64_t D, int
   return t.data<float>();
 }
 
-void attention(const TensorDesc& q, const TensorDesc& k, const TensorDesc& v, const TensorDesc& out,
-               const py::object& cos, const py::object& sin, const py::object& q_weight, const py::object& q_bias,
-               const py::object& q_eps, const py::object& k_weight, const py::object& k_bias,
-               const py::object& k_eps, std::uintptr_t stream) {
+void attention_forward(const TensorDesc& q, const TensorDesc& k, const TensorDesc& v, const TensorDesc& out,
+                       const py::object& cos, const py::object& sin, const py::object& q_weight,
+                       const py::object& q_bias, const py::object& q_eps, const py::object& k_weight,
+                       const py::object& k_bias, const py::object& k_eps, std::uintptr_t stream) {
   require_device(q, "attention");
   check(q.dim() == 4, "q: expected a (B, H, N, D) tensor");
   check(is_float(q.dtype), "q: must be float32, float16 or bfloat16");
@@ -579,28 +579,29 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"),
         "Threads the CPU kernels may use (the bridge passes torch.get_num_threads()); small work uses one");
   m.def("cuda_devices", &cuda_devices, "CUDA devices visible to the native runtime (empty without a GPU)");
-  m.def("adaln_modulate_forward", &adaln_forward, py::arg("x"), py::arg("shift"), py::arg("scale"), py::arg("y"),
-        py::arg("mean"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0,
+  m.def("adaln_modulate_forward", &adaln_modulate_forward, py::arg("x"), py::arg("shift"), py::arg("scale"),
+        py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0,
         "y = LayerNorm(x) * (1 + scale[b]) + shift[b]; writes y and (optionally) per-row mean/rstd");
-  m.def("adaln_modulate_backward", &adaln_backward, py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("mean"),
-        py::arg("rstd"), py::arg("dx"), py::arg("dscale_partial"), py::arg("dshift_partial"), py::arg("stream") = 0,
+  m.def("adaln_modulate_backward", &adaln_modulate_backward, py::arg("dy"), py::arg("x"), py::arg("scale"),
+        py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dscale_partial"), py::arg("dshift_partial"),
+        py::arg("stream") = 0,
         "dx, and per-chunk partial sums of dscale/dshift over rows");
-  m.def("gated_residual_forward", &gated_forward, py::arg("x"), py::arg("gate"), py::arg("y"), py::arg("out"),
+  m.def("gated_residual_forward", &gated_residual_forward, py::arg("x"), py::arg("gate"), py::arg("y"), py::arg("out"),
         py::arg("stream") = 0, "out = x + gate[b] * y");
-  m.def("gated_residual_backward", &gated_backward, py::arg("dout"), py::arg("gate"), py::arg("y"), py::arg("dy"),
-        py::arg("dgate_partial"), py::arg("stream") = 0,
+  m.def("gated_residual_backward", &gated_residual_backward, py::arg("dout"), py::arg("gate"), py::arg("y"),
+        py::arg("dy"), py::arg("dgate_partial"), py::arg("stream") = 0,
         "dy = gate * dout (dy may be None); per-chunk partial sums of dout * y over rows (may be None)");
   m.def("vq_nearest", &vq_nearest, py::arg("z"), py::arg("cb_t"), py::arg("cb_sq"), py::arg("indices"),
         py::arg("stream") = 0, "indices[n] = argmin_k |c_k|^2 - 2 z_n.c_k (float32, ties to the lowest k)");
-  m.def("attention_forward", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("cos"),
-        py::arg("sin"), py::arg("q_weight"), py::arg("q_bias"), py::arg("q_eps"), py::arg("k_weight"),
+  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("cos"), py::arg("sin"), py::arg("q_weight"), py::arg("q_bias"), py::arg("q_eps"), py::arg("k_weight"),
         py::arg("k_bias"), py::arg("k_eps"), py::arg("stream") = 0,
         "out = softmax(q' k'^T / sqrt(D)) v, q' and k' after LayerNorm (eps None: none) and RoPE (cos None: none)");
-  m.def("tile_blend_accumulate", &blend_accumulate, py::arg("dst"), py::arg("src"), py::arg("weight"),
+  m.def("tile_blend_accumulate", &tile_blend_accumulate, py::arg("dst"), py::arg("src"), py::arg("weight"),
         py::arg("stream") = 0, "dst += weight * src in place (src, weight optional; weight may broadcast)");
-  m.def("tile_normalize", &blend_normalize, py::arg("out"), py::arg("weight_sum"), py::arg("stream") = 0,
+  m.def("tile_normalize", &tile_normalize, py::arg("out"), py::arg("weight_sum"), py::arg("stream") = 0,
         "out /= weight_sum in place where weight_sum > 0 (weight_sum broadcast over batch and channels)");
-  m.def("patch_embed_forward", &patch_embed, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos"),
+  m.def("patch_embed_forward", &patch_embed_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos"),
         py::arg("out"), py::arg("patch"), py::arg("stream") = 0,
         "out = patches(x) @ weight^T + bias + pos (bias, pos may be None), patches gathered from x's strides");
   m.def("unpatchify", &unpatchify, py::arg("tokens"), py::arg("out"), py::arg("patch"), py::arg("stream") = 0,

@@ -9,7 +9,7 @@
 
 namespace medgen {
 
-struct AdaLNArgs {
+struct AdaLNModulateArgs {
   DType dtype;
   int64_t B, N, C;
   const void* x; int64_t x_sb, x_sn;          // (B, N, C)
@@ -21,7 +21,7 @@ struct AdaLNArgs {
   int device; std::uintptr_t stream;
 };
 
-struct AdaLNBackwardArgs {
+struct AdaLNModulateBackwardArgs {
   DType dtype;
   int64_t B, N, C, n_chunks;
   const void* dy; int64_t dy_sb, dy_sn;       // (B, N, C)
@@ -76,21 +76,21 @@ struct VQNearestArgs {
 // tile_blend building block: dst += w * src elementwise over a strided
 // nd-box, w and src optional (1 when null). dst float32; src any float dtype;
 // w float32 (broadcast through zero strides). bindings.cpp coalesces the dims.
-constexpr int kMaxBlendDims = 8;
-struct BlendArgs {
+constexpr int kMaxTileBlendDims = 8;
+struct TileBlendArgs {
   DType src_dtype;
   int ndim;
-  int64_t shape[kMaxBlendDims];
-  float* dst; int64_t dst_st[kMaxBlendDims];
-  const void* src; int64_t src_st[kMaxBlendDims];  // may be null
-  const float* w; int64_t w_st[kMaxBlendDims];     // may be null
+  int64_t shape[kMaxTileBlendDims];
+  float* dst; int64_t dst_st[kMaxTileBlendDims];
+  const void* src; int64_t src_st[kMaxTileBlendDims];  // may be null
+  const float* w; int64_t w_st[kMaxTileBlendDims];     // may be null
   int device; std::uintptr_t stream;
 };
 
 // tile_normalize: out[p, i] /= w[i] where w[i] > 0 (uncovered voxels keep their value),
 // for every plane p (batch x channels) of a dense (planes, voxels) float32 output and a
 // dense (voxels,) float32 weight sum.
-struct NormalizeArgs {
+struct TileNormalizeArgs {
   float* out;
   const float* w;
   int64_t planes, voxels;
@@ -147,13 +147,13 @@ struct AttentionArgs {
 };
 
 namespace cpu {
-void adaln_modulate_forward(const AdaLNArgs& a);
-void adaln_modulate_backward(const AdaLNBackwardArgs& a);
+void adaln_modulate_forward(const AdaLNModulateArgs& a);
+void adaln_modulate_backward(const AdaLNModulateBackwardArgs& a);
 void gated_residual_forward(const GatedResidualArgs& a);
 void gated_residual_backward(const GatedResidualBackwardArgs& a);
 void vq_nearest(const VQNearestArgs& a);
-void blend_accumulate(const BlendArgs& a);
-void blend_normalize(const NormalizeArgs& a);
+void tile_blend_accumulate(const TileBlendArgs& a);
+void tile_normalize(const TileNormalizeArgs& a);
 void attention_forward(const AttentionArgs& a);
 void patch_embed_forward(const PatchEmbedArgs& a);
 void unpatchify(const UnpatchifyArgs& a);
@@ -161,13 +161,13 @@ void unpatchify(const UnpatchifyArgs& a);
 
 #ifdef MEDGEN_WITH_CUDA
 namespace cuda {
-void adaln_modulate_forward(const AdaLNArgs& a);
-void adaln_modulate_backward(const AdaLNBackwardArgs& a);
+void adaln_modulate_forward(const AdaLNModulateArgs& a);
+void adaln_modulate_backward(const AdaLNModulateBackwardArgs& a);
 void gated_residual_forward(const GatedResidualArgs& a);
 void gated_residual_backward(const GatedResidualBackwardArgs& a);
 void vq_nearest(const VQNearestArgs& a);
-void blend_accumulate(const BlendArgs& a);
-void blend_normalize(const NormalizeArgs& a);
+void tile_blend_accumulate(const TileBlendArgs& a);
+void tile_normalize(const TileNormalizeArgs& a);
 void attention_forward(const AttentionArgs& a);
 void patch_embed_forward(const PatchEmbedArgs& a);
 void unpatchify(const UnpatchifyArgs& a);

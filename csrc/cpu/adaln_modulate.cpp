@@ -112,7 +112,7 @@ void row_backward(float* x, float* g, int64_t C, float mean, float rstd, const f
 }
 
 template <typename T>
-void forward_impl(const AdaLNArgs& a) {
+void forward_impl(const AdaLNModulateArgs& a) {
   const int64_t B = a.B, N = a.N, C = a.C;
   const T* x = reinterpret_cast<const T*>(a.x);
   const T* shift = reinterpret_cast<const T*>(a.shift);
@@ -155,7 +155,7 @@ void forward_impl(const AdaLNArgs& a) {
 }
 
 template <typename T>
-void backward_impl(const AdaLNBackwardArgs& a) {
+void backward_impl(const AdaLNModulateBackwardArgs& a) {
   const int64_t B = a.B, N = a.N, C = a.C, chunks = a.n_chunks;
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
   const T* dy = reinterpret_cast<const T*>(a.dy);
@@ -197,7 +197,7 @@ void backward_impl(const AdaLNBackwardArgs& a) {
 
 }  // namespace
 
-void adaln_modulate_forward(const AdaLNArgs& a) {
+void adaln_modulate_forward(const AdaLNModulateArgs& a) {
   switch (a.dtype) {
     case DType::Float32: forward_impl<float>(a); break;
     case DType::Float16: forward_impl<half_t>(a); break;
@@ -205,7 +205,7 @@ void adaln_modulate_forward(const AdaLNArgs& a) {
   }
 }
 
-void adaln_modulate_backward(const AdaLNBackwardArgs& a) {
+void adaln_modulate_backward(const AdaLNModulateBackwardArgs& a) {
   switch (a.dtype) {
     case DType::Float32: backward_impl<float>(a); break;
     case DType::Float16: backward_impl<half_t>(a); break;

@@ -51,7 +51,7 @@ void run_strided(float* dst, int64_t ds, const T* src, int64_t ss, const float* 
 }
 
 template <typename T>
-void blend_impl(const BlendArgs& a) {
+void tile_blend_impl(const TileBlendArgs& a) {
   const int nd = a.ndim;
   const int64_t inner = a.shape[nd - 1];
   int64_t outer = 1;
@@ -88,7 +88,7 @@ MEDGEN_TB_CLONES void normalize_run(float* out, const float* w, int64_t n) {
 // One pass, in place, no temporaries (the reference builds a mask and a divisor volume
 // first). Voxel ranges split across threads; each walks every plane over its range, so
 // the weights it reads stay in its cache.
-void blend_normalize(const NormalizeArgs& a) {
+void tile_normalize(const TileNormalizeArgs& a) {
   constexpr int64_t kRange = 1 << 14;
   const int64_t ranges = (a.voxels + kRange - 1) / kRange;
 #pragma omp parallel for schedule(static) num_threads(threads_for(a.planes * a.voxels, ranges))
@@ -98,11 +98,11 @@ void blend_normalize(const NormalizeArgs& a) {
   }
 }
 
-void blend_accumulate(const BlendArgs& a) {
+void tile_blend_accumulate(const TileBlendArgs& a) {
   switch (a.src_dtype) {
-    case DType::Float32: blend_impl<float>(a); break;
-    case DType::Float16: blend_impl<half_t>(a); break;
-    case DType::BFloat16: blend_impl<bfloat16_t>(a); break;
+    case DType::Float32: tile_blend_impl<float>(a); break;
+    case DType::Float16: tile_blend_impl<half_t>(a); break;
+    case DType::BFloat16: tile_blend_impl<bfloat16_t>(a); break;
     default: throw std::invalid_argument("tile_blend: the tile must be a float tensor");
   }
 }

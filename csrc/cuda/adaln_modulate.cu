@@ -17,7 +17,7 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kBackwardThreads = 256;
 
 template <typename T, int VEC>
-__global__ void adaln_forward_kernel(AdaLNArgs a) {
+__global__ void adaln_modulate_forward_kernel(AdaLNModulateArgs a) {
   using P = Pack<T, VEC>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -64,7 +64,7 @@ __global__ void adaln_forward_kernel(AdaLNArgs a) {
 }
 
 template <typename T>
-__global__ void adaln_backward_kernel(AdaLNBackwardArgs a) {
+__global__ void adaln_modulate_backward_kernel(AdaLNModulateBackwardArgs a) {
   extern __shared__ float smem[];
   const int64_t C = a.C;
   float* s_dscale = smem;
@@ -114,7 +114,7 @@ __global__ void adaln_backward_kernel(AdaLNBackwardArgs a) {
 
 // 16-byte packs when every row start is 16-byte aligned, else scalar access.
 template <typename T>
-bool can_use_pack(const AdaLNArgs& a, int vec) {
+bool can_use_pack(const AdaLNModulateArgs& a, int vec) {
   auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
   return a.C % vec == 0 && a.x_sb % vec == 0 && a.x_sn % vec == 0 && a.y_sb % vec == 0 &&
          a.y_sn % vec == 0 && a.scale_sb % vec == 0 && a.shift_sb % vec == 0 && aligned(a.x) &&
@@ -122,35 +122,35 @@ bool can_use_pack(const AdaLNArgs& a, int vec) {
 }
 
 template <typename T>
-void launch_forward(const AdaLNArgs& a) {
+void launch_forward(const AdaLNModulateArgs& a) {
   const int64_t rows = a.B * a.N;
   const dim3 grid(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
   const dim3 block(32 * kWarpsPerBlock);
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   constexpr int kVec = 16 / sizeof(T);
   if (can_use_pack<T>(a, kVec)) {
-    adaln_forward_kernel<T, kVec><<<grid, block, 0, stream>>>(a);
+    adaln_modulate_forward_kernel<T, kVec><<<grid, block, 0, stream>>>(a);
   } else {
-    adaln_forward_kernel<T, 1><<<grid, block, 0, stream>>>(a);
+    adaln_modulate_forward_kernel<T, 1><<<grid, block, 0, stream>>>(a);
   }
   check_cuda(cudaGetLastError(), "adaln_modulate forward launch");
 }
 
 template <typename T>
-void launch_backward(const AdaLNBackwardArgs& a) {
+void launch_backward(const AdaLNModulateBackwardArgs& a) {
   const size_t smem = static_cast<size_t>(2 * a.C) * sizeof(float);
   if (smem > 48 * 1024)
     throw std::invalid_argument("adaln_modulate backward (CUDA): C=" + std::to_string(a.C) +
                                 " exceeds the supported 6144 channels");
   const dim3 grid(static_cast<unsigned>(a.n_chunks), static_cast<unsigned>(a.B));
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
-  adaln_backward_kernel<T><<<grid, kBackwardThreads, smem, stream>>>(a);
+  adaln_modulate_backward_kernel<T><<<grid, kBackwardThreads, smem, stream>>>(a);
   check_cuda(cudaGetLastError(), "adaln_modulate backward launch");
 }
 
 }  // namespace
 
-void adaln_modulate_forward(const AdaLNArgs& a) {
+void adaln_modulate_forward(const AdaLNModulateArgs& a) {
   DeviceGuard guard(a.device);
   switch (a.dtype) {
     case DType::Float32: launch_forward<float>(a); break;
@@ -159,7 +159,7 @@ void adaln_modulate_forward(const AdaLNArgs& a) {
   }
 }
 
-void adaln_modulate_backward(const AdaLNBackwardArgs& a) {
+void adaln_modulate_backward(const AdaLNModulateBackwardArgs& a) {
   DeviceGuard guard(a.device);
   switch (a.dtype) {
     case DType::Float32: launch_backward<float>(a); break;

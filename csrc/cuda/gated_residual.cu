@@ -13,7 +13,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, int VEC>
-__global__ void gated_forward_kernel(GatedResidualArgs a) {
+__global__ void gated_residual_forward_kernel(GatedResidualArgs a) {
   using P = Pack<T, VEC>;
   const int64_t packs = a.C / VEC;
   const int64_t total = a.B * a.N * packs;
@@ -32,7 +32,7 @@ __global__ void gated_forward_kernel(GatedResidualArgs a) {
 }
 
 template <typename T>
-__global__ void gated_backward_kernel(GatedResidualBackwardArgs a) {
+__global__ void gated_residual_backward_kernel(GatedResidualBackwardArgs a) {
   const int64_t b = blockIdx.y, k = blockIdx.x;
   const int64_t rows_per_chunk = (a.N + a.n_chunks - 1) / a.n_chunks;
   const int64_t n_begin = k * rows_per_chunk;
@@ -69,9 +69,9 @@ void launch_forward(const GatedResidualArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   constexpr int kVec = 16 / sizeof(T);
   if (can_use_pack<T>(a, kVec)) {
-    gated_forward_kernel<T, kVec><<<grid_for(a.B * a.N * (a.C / kVec)), kThreads, 0, stream>>>(a);
+    gated_residual_forward_kernel<T, kVec><<<grid_for(a.B * a.N * (a.C / kVec)), kThreads, 0, stream>>>(a);
   } else {
-    gated_forward_kernel<T, 1><<<grid_for(a.B * a.N * a.C), kThreads, 0, stream>>>(a);
+    gated_residual_forward_kernel<T, 1><<<grid_for(a.B * a.N * a.C), kThreads, 0, stream>>>(a);
   }
   check_cuda(cudaGetLastError(), "gated_residual forward launch");
 }
@@ -81,7 +81,7 @@ void launch_backward(const GatedResidualBackwardArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   const int threads = a.C >= kThreads ? kThreads : static_cast<int>((a.C + 31) / 32 * 32);
   const dim3 grid(static_cast<unsigned>(a.n_chunks), static_cast<unsigned>(a.B));
-  gated_backward_kernel<T><<<grid, threads, 0, stream>>>(a);
+  gated_residual_backward_kernel<T><<<grid, threads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "gated_residual backward launch");
 }
 

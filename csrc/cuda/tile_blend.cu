@@ -12,7 +12,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T>
-__global__ void blend_kernel(BlendArgs a, int64_t total) {
+__global__ void tile_blend_accumulate_kernel(TileBlendArgs a, int64_t total) {
   const T* src = static_cast<const T*>(a.src);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -30,17 +30,17 @@ __global__ void blend_kernel(BlendArgs a, int64_t total) {
 }
 
 template <typename T>
-void launch(const BlendArgs& a) {
+void launch(const TileBlendArgs& a) {
   int64_t total = 1;
   for (int k = 0; k < a.ndim; ++k) total *= a.shape[k];
   if (total == 0) return;
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
-  blend_kernel<T><<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, total);
+  tile_blend_accumulate_kernel<T><<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, total);
   check_cuda(cudaGetLastError(), "tile_blend launch");
 }
 
-__global__ void normalize_kernel(NormalizeArgs a, int64_t total) {
+__global__ void tile_normalize_kernel(TileNormalizeArgs a, int64_t total) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float w = a.w[i % a.voxels];
@@ -50,17 +50,17 @@ __global__ void normalize_kernel(NormalizeArgs a, int64_t total) {
 
 }  // namespace
 
-void blend_normalize(const NormalizeArgs& a) {
+void tile_normalize(const TileNormalizeArgs& a) {
   const int64_t total = a.planes * a.voxels;
   if (total == 0) return;
   DeviceGuard guard(a.device);
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
-  normalize_kernel<<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, total);
+  tile_normalize_kernel<<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, total);
   check_cuda(cudaGetLastError(), "tile_normalize launch");
 }
 
-void blend_accumulate(const BlendArgs& a) {
+void tile_blend_accumulate(const TileBlendArgs& a) {
   DeviceGuard guard(a.device);
   switch (a.src_dtype) {
     case DType::Float32: launch<float>(a); break;

@@ -18,7 +18,7 @@ constexpr int kMaxGenericD = 256;
 
 // DT > 0: D known at compile time, the z row in registers; DT == 0: any D up to kMaxGenericD.
 template <typename T, int DT>
-__global__ void vq_kernel(VQNearestArgs a, int tile) {
+__global__ void vq_nearest_kernel(VQNearestArgs a, int tile) {
   extern __shared__ float smem[];
   const int64_t D = DT > 0 ? DT : a.D;
   float* s_cb = smem;              // (D, tile)
@@ -67,7 +67,7 @@ void launch(const VQNearestArgs& a) {
   if (tile < 32) tile = 32;
   const size_t smem = static_cast<size_t>(per_entry) * tile;
   const dim3 grid(static_cast<unsigned>((a.N + kRowsPerBlock - 1) / kRowsPerBlock));
-  vq_kernel<T, DT><<<grid, kRowsPerBlock, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, tile);
+  vq_nearest_kernel<T, DT><<<grid, kRowsPerBlock, smem, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, tile);
   check_cuda(cudaGetLastError(), "vq_nearest launch");
 }
 
