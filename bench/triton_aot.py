@@ -96,8 +96,8 @@ def _dit_launches(tag, cfg, dt, e, K, all_variants):
     rope = (e(N, d, dtype=torch.float32), e(N, d, dtype=torch.float32))
     norm = (e(d, dtype=torch.float32), e(d, dtype=torch.float32), 1e-6)
     cases = [
-        (f"{tag}/adaln_fwd", lambda: adaln.forward(x, mod, mod, 1e-6, True)),
-        (f"{tag}/adaln_bwd", lambda: adaln.backward(x, x, mod, stats, stats)),
+        (f"{tag}/adaln_modulate_fwd", lambda: adaln.forward(x, mod, mod, 1e-6, True)),
+        (f"{tag}/adaln_modulate_bwd", lambda: adaln.backward(x, x, mod, stats, stats)),
         (f"{tag}/gated_residual_fwd", lambda: gated.forward(x, mod, x)),
         (f"{tag}/gated_residual_bwd", lambda: gated.backward(x, mod, x, True, True)),
         (f"{tag}/proj", lambda: lgr.forward(x, mod, x, e(C, C, dtype=dt), e(C, dtype=dt))),

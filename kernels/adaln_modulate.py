@@ -5,7 +5,7 @@ statistics in float32, output in x's dtype. Forward: one program per row, the
 whole row in registers (C up to 16384). Backward: one program per (chunk of
 rows, sample) that writes dx and per-chunk partial sums for dscale and dshift;
 the wrapper adds the partials (a tiny reduction). The autograd that calls them is
-the op's (medgen_rt/ops/adaln.py).
+the op's (medgen_rt/ops/adaln_modulate.py).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ BACKWARD_ROWS_PER_PROGRAM = 64
 
 
 @triton.jit
-def _adaln_forward_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD,
-                          N, C, stride_xb, stride_xn, stride_tb, stride_sb, stride_yb, stride_yn, eps,
-                          STORE_STATS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _adaln_modulate_forward_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD,
+                                   N, C, stride_xb, stride_xn, stride_tb, stride_sb, stride_yb, stride_yn, eps,
+                                   STORE_STATS: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // N
     n = row % N
@@ -40,10 +40,10 @@ def _adaln_forward_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD,
 
 
 @triton.jit
-def _adaln_backward_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_PART, DSHIFT_PART,
-                           N, C, n_chunks, rows_per_chunk,
-                           stride_dyb, stride_dyn, stride_xb, stride_xn, stride_sb, stride_dxb, stride_dxn,
-                           BLOCK_C: tl.constexpr):
+def _adaln_modulate_backward_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_PART, DSHIFT_PART,
+                                    N, C, n_chunks, rows_per_chunk,
+                                    stride_dyb, stride_dyn, stride_xb, stride_xn, stride_sb, stride_dxb, stride_dxn,
+                                    BLOCK_C: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -88,7 +88,7 @@ def forward(x, shift, scale, eps, need_stats):
         mean = rstd = y  # unused: STORE_STATS is False
     if B * N > 0:
         block = _block_c(C)
-        _adaln_forward_kernel[(B * N,)](
+        _adaln_modulate_forward_kernel[(B * N,)](
             x, shift, scale, y, mean, rstd, N, C,
             x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), y.stride(0), y.stride(1), eps,
             STORE_STATS=need_stats, BLOCK_C=block, num_warps=min(16, max(1, block // 256)))
@@ -105,7 +105,7 @@ def backward(dy, x, scale, mean, rstd):
     dshift_part = torch.empty((B, n_chunks, C), dtype=torch.float32, device=x.device)
     if B * N > 0:
         block = _block_c(C)
-        _adaln_backward_kernel[(n_chunks, B)](
+        _adaln_modulate_backward_kernel[(n_chunks, B)](
             dy, x, scale, mean, rstd, dx, dscale_part, dshift_part, N, C, n_chunks, rows_per_chunk,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), scale.stride(0), dx.stride(0), dx.stride(1),
             BLOCK_C=block, num_warps=min(16, max(1, block // 256)))

@@ -21,9 +21,9 @@ BACKWARD_ROWS_PER_CHUNK = 256
 
 
 @triton.jit
-def _forward_kernel(X, GATE, Y, OUT, N, C,
-                    stride_xb, stride_xn, stride_gb, stride_yb, stride_yn, stride_ob, stride_on,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_forward_kernel(X, GATE, Y, OUT, N, C,
+                                   stride_xb, stride_xn, stride_gb, stride_yb, stride_yn, stride_ob, stride_on,
+                                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -38,10 +38,10 @@ def _forward_kernel(X, GATE, Y, OUT, N, C,
 
 
 @triton.jit
-def _backward_kernel(DOUT, GATE, Y, DY, DGATE_PART, N, C, n_chunks, rows_per_chunk,
-                     stride_db, stride_dn, stride_gb, stride_yb, stride_yn, stride_dyb, stride_dyn,
-                     NEED_DY: tl.constexpr, NEED_DGATE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_backward_kernel(DOUT, GATE, Y, DY, DGATE_PART, N, C, n_chunks, rows_per_chunk,
+                                    stride_db, stride_dn, stride_gb, stride_yb, stride_yn, stride_dyb, stride_dyn,
+                                    NEED_DY: tl.constexpr, NEED_DGATE: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -78,9 +78,9 @@ def forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tenso
         return out
     block_n, block_c = _blocks(N, C)
     grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c), B)
-    _forward_kernel[grid](x, gate, y, out, N, C,
-                          x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
-                          out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    _gated_residual_forward_kernel[grid](x, gate, y, out, N, C,
+                                         x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
+                                         out.stride(0), out.stride(1), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
     return out
 
 
@@ -97,7 +97,7 @@ def backward(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, need_dy: b
         # Unused pointers still need a tensor argument; dout stands in for them.
         dy_arg = dy if need_dy else dout
         part_arg = dgate_part if need_dgate else dout
-        _backward_kernel[(n_chunks, triton.cdiv(C, block_c), B)](
+        _gated_residual_backward_kernel[(n_chunks, triton.cdiv(C, block_c), B)](
             dout, gate, y, dy_arg, part_arg, N, C, n_chunks, rows_per_chunk,
             dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
             dy_arg.stride(0), dy_arg.stride(1),

@@ -20,9 +20,10 @@ BLOCK = 1024  # elements per program
 
 
 @triton.jit
-def _accumulate_kernel(OUT, SRC, W, ROWS, size1, size2, size3, size4,
-                       so0, so1, so2, so3, so4, ss0, ss1, ss2, ss3, ss4, sw0, sw1, sw2, sw3, sw4,
-                       HAS_SRC: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_blend_accumulate_kernel(OUT, SRC, W, ROWS, size1, size2, size3, size4,
+                                  so0, so1, so2, so3, so4, ss0, ss1, ss2, ss3, ss4, sw0, sw1, sw2, sw3, sw4,
+                                  HAS_SRC: tl.constexpr, HAS_W: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # BLOCK_R rows over dimensions 0..3 x BLOCK_C elements of the innermost one: several rows
     # per program, since the innermost dimension of a tile can be short.
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -97,7 +98,7 @@ def _accumulate(out_view, src, weight) -> None:
     block_c = min(BLOCK, triton.next_power_of_2(sizes[4]))
     block_r = min(triton.next_power_of_2(rows), BLOCK // block_c)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(sizes[4], block_c))
-    _accumulate_kernel[grid](
+    _tile_blend_accumulate_kernel[grid](
         out_view, src if src is not None else out_view, weight if weight is not None else out_view,
         rows, sizes[1], sizes[2], sizes[3], sizes[4], *so, *ss, *sw,
         HAS_SRC=src is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
