@@ -119,8 +119,10 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, quiet: bool = True) -> Path:
-    """Export a model folder (what `medgen sample --model` takes) to ONNX in `out`."""
+def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, quiet: bool = True,
+                 teacher: bool = False) -> Path:
+    """Export a model folder (what `medgen sample --model` takes) to ONNX in `out`; an embedded model
+    that ships a distilled student exports the student, as it samples, unless teacher=True."""
     import torch
 
     import medgen_rt
@@ -130,11 +132,12 @@ def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, qu
     from medgen_rt.models.vqgan import CineVQGAN
     from medgen_rt.sampling.api import resolve_model
     from medgen_rt.sampling.decode import decoder_geometry
+    from medgen_rt.sampling.spec import teacher_record
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite")
-    denoiser_dir, vae_dir = resolve_model(model)
+    denoiser_dir, vae_dir = resolve_model(model, teacher=teacher)
     info = json.loads((denoiser_dir / "model.json").read_text())
     vae_info = json.loads((vae_dir / "model.json").read_text())
     net, _ = load_model(denoiser_dir)
@@ -194,6 +197,9 @@ def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, qu
             "scale_factor": float(info["scale_factor"]), "modality": info.get("modality") or vae_info.get("modality"),
             "geometry": info.get("geometry") or {}, "diffusion": diff, "schedule": schedule,
             "default_steps": info.get("default_steps"),  # a distilled student's own step count
+            # a student's step counts and its teacher (the run resolved: an embedded student records "../tgca")
+            "supported_steps": info.get("supported_steps"),
+            "distilled_from": teacher_record(info.get("distilled_from"), denoiser_dir),
             "flow_timestep_scale": DEFAULT_TIMESTEP_SCALE,
             "decoder": {"cine": cine, "factor": list(geometry.factor), "halo": list(geometry.halo),
                         "output_axis": list(geometry.output_axis), "out_channels": geometry.out_channels,

@@ -13,6 +13,9 @@ def add_parser(subparsers) -> None:
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     onnx = formats.add_parser("onnx", help="a trained model as ONNX, for `medgen sample --engine onnx`")
     onnx.add_argument("--model", required=True, help="'default', a run folder, or a folder with dit/ and vae/")
+    onnx.add_argument("--teacher", action="store_true",
+                      help="an embedded model that ships a distilled student (used by default, as by `medgen "
+                           "sample`): export its teacher instead")
     onnx.add_argument("--out", required=True, help="output folder")
     onnx.add_argument("--no-fp16", action="store_true", help="float32 only (no *_fp16.onnx)")
     onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -34,6 +37,7 @@ def run(args) -> int:
     from medgen_rt.export.onnx_export import export_model
 
     check_out(args.out)  # before the models are traced
-    out = export_model(args.model, args.out, fp16=not args.no_fp16, overwrite=args.overwrite, quiet=args.quiet)
+    out = export_model(args.model, args.out, fp16=not args.no_fp16, overwrite=args.overwrite, quiet=args.quiet,
+                       teacher=args.teacher)
     print(f"exported {args.model} to {out}")
     return 0

@@ -20,7 +20,12 @@ def add_arguments(p) -> None:
     # -n / --num-volumes for torchrun, which takes "--n" for an abbreviation of its own options
     p.add_argument("-n", "--n", "--num-volumes", dest="n", type=int, default=1, help="number of volumes")
     p.add_argument("--seed", type=int, default=0, help="volume i uses seed + i")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps (a distilled student's), else 50; all T for ddpm)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's default_steps (a distilled student's), "
+                                             "else 50; all T for ddpm); a student takes only its supported_steps")
+    p.add_argument("--teacher", action="store_true",
+                   help="an embedded model that ships a distilled student (NAME/student, used by default when "
+                        "within 5%% of its 50-step teacher): sample with the teacher and the full sampler instead "
+                        "(default 50 steps)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], help="default: ddim (euler for flow models)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (mask-conditioned models)")
@@ -84,7 +89,7 @@ def run(args) -> int:
                          guidance=args.guidance, masks=args.masks, device=device, out=folder, eta=args.eta,
                          max_vram=args.max_vram, energy=not args.no_energy, country=args.country,
                          quiet=args.quiet or rank > 0, indices=range(rank, args.n, world),
-                         unconditional=args.unconditional, cache=args.cache)
+                         unconditional=args.unconditional, cache=args.cache, teacher=args.teacher)
         metadata = [dict(r["metadata"], files=r["files"], rank=rank) for r in results]
         if world > 1:
             import torch.distributed as dist
@@ -114,7 +119,7 @@ def _run_plan(args) -> int:
 
     p = plan(args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
              masks=args.masks, max_vram=args.max_vram, device=args.device, eta=args.eta,
-             unconditional=args.unconditional, cache=args.cache)
+             unconditional=args.unconditional, cache=args.cache, teacher=args.teacher)
     print(f"model {args.model}, {args.n} volume(s){', guided' if args.guidance is not None else ''}")
     print(p.describe())
     return 0
@@ -149,6 +154,10 @@ def _run_onnx(args) -> int:
     if args.cache is not None:
         raise ValueError("--cache: step caching needs the network's blocks, so it is torch-runtime only; "
                          "use --engine torch")
+    if args.teacher:
+        from medgen_rt.sampling.spec import TEACHER_ONNX
+
+        raise ValueError(TEACHER_ONNX)
     check_request(args.n, args.seed, args.steps, args.guidance, args.eta)
     engine = OnnxEngine(args.model, device=args.device)
     with _output_folder(args) as folder:

@@ -6,6 +6,11 @@ model: an embedded model by name (see EMBEDDED_MODELS: "default" or "cine" is th
 model, "ct" the mask-conditioned CT model), a run folder of `medgen train dit|unet|
 control` (its model.json names the VQ-GAN run), or a folder holding `dit/` (or
 `unet/`, `tgca/`, `controlnet/`) and `vae/` run folders.
+
+An embedded model may ship a distilled student beside its teacher (NAME/student/, a run of
+`medgen train distill`); it samples by default when its model.json's default_choice says it is
+within tolerance of the 50-step teacher (see resolve_model); teacher=True (`--teacher`) takes
+the teacher and its full sampler.
 """
 from __future__ import annotations
 
@@ -41,8 +46,27 @@ def embedded_name(model: str) -> Optional[str]:
     return name if name in EMBEDDED_MODELS else None
 
 
-def resolve_model(model: str) -> tuple:
-    """(denoiser run folder, VQ-GAN run folder) for a model argument."""
+STUDENT = "student"  # an embedded model's distilled student: NAME/student/
+
+
+def embedded_student(root: Path) -> Optional[Path]:
+    """The student an embedded model folder samples with by default: NAME/student/ when its
+    model.json carries default_choice.within_tolerance true (bench/package_default.py writes it
+    from a bench/fewstep.py measurement: realism within 5% of the 50-step teacher's, mask Dice
+    within 0.03); else None (the teacher samples)."""
+    from medgen_rt.io.run_folder import read_model_info
+
+    folder = root / STUDENT
+    if not (folder / "model.json").is_file():
+        return None
+    choice = read_model_info(folder).get("default_choice")  # errors name the file
+    return folder if isinstance(choice, dict) and choice.get("within_tolerance") is True else None
+
+
+def resolve_model(model: str, teacher: bool = False) -> tuple:
+    """(denoiser run folder, VQ-GAN run folder) for a model argument. An embedded model gives its
+    distilled student when it ships one within tolerance (embedded_student), unless teacher=True;
+    a folder given by path is taken as it is (teacher=True refuses a student's folder)."""
     name = embedded_name(model)
     root = default_model_dir(name) if name else Path(model)
     if not root.exists():
@@ -51,6 +75,8 @@ def resolve_model(model: str) -> tuple:
                          "folder from `medgen train`)")
     if (root / "model.json").is_file():
         denoiser = root
+    elif name and not teacher and embedded_student(root) is not None:
+        denoiser = root / STUDENT
     else:
         found = [root / k for k in DENOISER_KINDS if (root / k / "model.json").is_file()]
         if not found:
@@ -63,6 +89,9 @@ def resolve_model(model: str) -> tuple:
     info = read_model_info(denoiser)  # errors name the file
     if info.get("kind") not in DENOISER_KINDS:
         raise ValueError(f"model {model!r}: {denoiser} is a {info.get('kind')} run, not a denoiser")
+    if teacher and "distilled_from" in info:  # a student's folder given by path: --teacher cannot pick for it
+        raise ValueError(f"--teacher: model {model!r} is the folder of a distilled student; give its teacher's "
+                         f"folder as --model (distilled_from.run: {(info['distilled_from'] or {}).get('run')})")
     vae = Path(str(info.get("vae_run") or ""))
     candidates = [vae, denoiser / vae, denoiser.parent / "vae"] if str(vae) else [denoiser.parent / "vae"]
     for c in candidates:
@@ -123,7 +152,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
            device: Optional[str] = None, out=None, engine: str = "torch", eta: float = 0.0,
            energy: bool = True, country: Optional[str] = None, quiet: bool = True,
            indices: Optional[list] = None, quantize: bool = True, unconditional: bool = False,
-           overwrite: bool = False, format: str = "nifti", cache: Optional[float] = None) -> list:
+           overwrite: bool = False, format: str = "nifti", cache: Optional[float] = None,
+           teacher: bool = False) -> list:
     """Generate n volumes; returns a list of dicts {"volume", "affine", "metadata", "files"}.
 
     volume: CT (X, Y, Z) in HU or cine (X, Y, Z, T) float32 in [0, 1]. Volume i uses
@@ -147,6 +177,8 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
     changed by less than this relative L1 since its last evaluation reuses that evaluation's
     residual (medgen_rt.models.step_cache); 0 caches nothing and gives the uncached volumes.
     The sidecar's "cache" holds the threshold and the block calls run and skipped.
+    teacher: an embedded model that ships a distilled student samples with its teacher instead
+    (and the teacher's default steps, 50); the sidecar's "network" says which sampled.
 
     The choice of engine is made here, once: each supplies its denoiser and decoder adapters
     to the one pipeline (medgen_rt.sampling.pipeline); nothing below branches on it.
@@ -165,13 +197,18 @@ def sample(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[in
         if unconditional:
             raise ValueError("engine 'onnx': unconditional sampling of a mask-conditioned model is not in the "
                              "ONNX engine yet; use the torch engine")
+        if teacher:
+            from medgen_rt.sampling.spec import TEACHER_ONNX
+
+            raise ValueError(TEACHER_ONNX)
         return OnnxEngine(model, device=device or "auto").sample(
             n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, masks=masks, out=out, eta=eta,
             energy=energy, country=country, quiet=quiet, quantize=quantize, overwrite=overwrite, format=format)
     if engine != "torch":
         raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
     with output_folder(out, overwrite, format) as out:  # a path: locked until this call returns
-        prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache)
+        prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache,
+                        teacher=teacher)
         if out is not None:
             out.open()  # locked, checked and cleared of killed runs' temporary files (io.outputs.OutputFolder)
         indices = list(range(n)) if indices is None else list(indices)
@@ -264,7 +301,7 @@ class _TorchDecoder:
 
 
 def _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache,
-             need_masks: bool = True) -> SimpleNamespace:
+             need_masks: bool = True, teacher: bool = False) -> SimpleNamespace:
     """The checks of a torch-runtime request that need no weights (the numbers, the cache threshold,
     the model folder and its model.json, then spec.check_inputs: guidance, sampler, steps, masks), and
     the noise schedule. need_masks=False (a plan only): masks may be left out (checked if given)."""
@@ -277,10 +314,10 @@ def _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, 
     check_request(n, seed, steps, guidance, eta)
     parse_memory(max_vram, "--max-vram")
     step_cache = StepCache(cache) if cache is not None else None  # a bad threshold fails before any load
-    denoiser_dir, vae_dir = resolve_model(model)
+    denoiser_dir, vae_dir = resolve_model(model, teacher=teacher)
     dev = device if isinstance(device, torch.device) else pick_device(device or "auto")
     spec = ModelSpec.from_model_json(json.loads((denoiser_dir / "model.json").read_text()),
-                                     json.loads((vae_dir / "model.json").read_text()))
+                                     json.loads((vae_dir / "model.json").read_text()), folder=denoiser_dir)
     request = check_inputs(spec, repr(model), n, seed, steps, sampler, guidance, eta, masks, unconditional,
                            need_masks)
     diff = spec.diffusion
@@ -311,7 +348,7 @@ def _load_and_plan(prep: SimpleNamespace, n: int, max_vram, on=None) -> tuple:
 def plan(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[int] = None,
          sampler: Optional[str] = None, guidance: Optional[float] = None, masks=None, max_vram=None,
          device: Optional[str] = None, eta: float = 0.0, unconditional: bool = False,
-         cache: Optional[float] = None):
+         cache: Optional[float] = None, teacher: bool = False):
     """The SamplingPlan (medgen_rt.sampling.planner) that `sample` with these arguments follows, made
     without sampling or writing any volume: the same checks first, but a mask-conditioned model
     needs no masks (the plan does not depend on them; given ones are checked). On CUDA the
@@ -328,7 +365,7 @@ def plan(model: str = "default", n: int = 1, seed: int = 0, steps: Optional[int]
                              "with --max-vram to plan for it")
         device, on = torch.device("cuda", int(m.group(1) or 0)), torch.device("cpu")
     prep = _prepare(model, n, seed, steps, sampler, guidance, masks, max_vram, device, eta, unconditional, cache,
-                    need_masks=False)
+                    need_masks=False, teacher=teacher)
     return _load_and_plan(prep, n, max_vram, on)[2]
 
 

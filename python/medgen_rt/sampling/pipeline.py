@@ -100,14 +100,22 @@ class SamplingPipeline:
         """The volume and its sidecar metadata, the same keys in both runtimes."""
         req = self.request
         meta = {**{k: portable_path(v, base) for k, v in self.sources.items()}, "kind": self.spec.kind,
-                **self.labels, "seed": req.seed + i, "index": i, "sampler": req.sampler, "steps": req.steps,
-                "eta": req.eta, "guidance": req.guidance, "timings_s": timings, self.denoiser.memory_key: peaks,
-                **self.extra, **batch_meta}
+                **self.labels, **self._network(base), "seed": req.seed + i, "index": i, "sampler": req.sampler,
+                "steps": req.steps, "eta": req.eta, "guidance": req.guidance, "timings_s": timings,
+                self.denoiser.memory_key: peaks, **self.extra, **batch_meta}
         item = req.masks[i] if req.masks is not None else None
         if item is not None:
             meta["mask"] = "null condition" if item.path is None else portable_path(item.path, base)
         return {"volume": volume, "affine": item.affine if item is not None else self.spec.affine,
                 "metadata": meta, "files": {}, "mask": item.labels if item is not None else None}
+
+    def _network(self, base) -> dict:
+        """Which network sampled: "student" (a distilled run, with its teacher: the run as a portable
+        path, its kind and the sha256 of the weights it was distilled from) or "teacher"."""
+        teacher = self.spec.distilled_from
+        if teacher and teacher.get("run"):
+            teacher = {**teacher, "run": portable_path(teacher["run"], base)}
+        return {"network": self.spec.network, "distilled_from": teacher}
 
 
 def _bar(quiet: bool, **kwargs):

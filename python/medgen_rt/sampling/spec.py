@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 
 SAMPLERS = ("ddim", "ddpm", "euler")
+TEACHER_ONNX = ("--teacher: an ONNX export holds one network; export the teacher of an embedded model with "
+                "`medgen export onnx --model NAME --teacher` and sample that folder")
 
 
 @dataclass(frozen=True)
@@ -33,28 +35,43 @@ class ModelSpec:
     scale_factor: float
     flow_timestep_scale: float = 1000.0
     null_condition: bool = False  # the runtime can sample a conditioned model through the null condition
+    supported_steps: Optional[tuple] = None  # a distilled student's step counts; None: any
+    distilled_from: Optional[dict] = None    # a student's teacher {run, kind, weights, sha256}; None: not a student
+
+    @property
+    def network(self) -> str:
+        """What the sidecar calls the network that samples: "student" (a distilled run) or
+        "teacher" (any other, sampled with the full sampler)."""
+        return "student" if self.distilled_from else "teacher"
 
     @classmethod
-    def from_model_json(cls, info: dict, vae_info: Optional[dict] = None) -> "ModelSpec":
-        """A torch run folder's model.json (checked by validate.check_model_folder)."""
+    def from_model_json(cls, info: dict, vae_info: Optional[dict] = None, folder=None) -> "ModelSpec":
+        """A torch run folder's model.json (checked by validate.check_model_folder); folder: where it
+        lies, so that a relative distilled_from.run (an embedded student's "../tgca") is resolved."""
         geometry = info.get("geometry") or {}
         return cls(kind=info["kind"], modality=info.get("modality") or (vae_info or {}).get("modality"),
                    latent_shape=tuple(info["latent_shape"]), diffusion=info["diffusion"],
                    conditional=info["kind"] in ("tgca", "controlnet"),
                    mask_labels=tuple(info.get("mask_labels") or ()),
                    mask_spatial=tuple(geometry.get("image_shape") or ())[:3], default_steps=info.get("default_steps"),
-                   geometry=geometry, scale_factor=float(info["scale_factor"]), null_condition=True)
+                   geometry=geometry, scale_factor=float(info["scale_factor"]), null_condition=True,
+                   supported_steps=_steps(info.get("supported_steps")),
+                   distilled_from=teacher_record(info.get("distilled_from"), folder))
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ModelSpec":
         """An export manifest (checked by validate.check_manifest)."""
+        info = manifest.get("model_info") or {}
         return cls(kind=manifest["kind"], modality=manifest.get("modality"),
                    latent_shape=tuple(manifest["latent_shape"]), diffusion=manifest["diffusion"],
                    conditional=manifest["conditional"], mask_labels=tuple(manifest.get("mask_labels") or ()),
                    mask_spatial=tuple((manifest.get("mask_shape") or [0])[1:]),
                    default_steps=manifest.get("default_steps"), geometry=manifest.get("geometry") or {},
                    scale_factor=float(manifest["scale_factor"]),
-                   flow_timestep_scale=float(manifest.get("flow_timestep_scale", 1000.0)))
+                   flow_timestep_scale=float(manifest.get("flow_timestep_scale", 1000.0)),
+                   # exports made before these keys: the source's model.json (model_info) has them
+                   supported_steps=_steps(manifest.get("supported_steps", info.get("supported_steps"))),
+                   distilled_from=teacher_record(manifest.get("distilled_from", info.get("distilled_from")), None))
 
     @property
     def objective(self) -> str:
@@ -67,6 +84,21 @@ class ModelSpec:
     @property
     def affine(self) -> np.ndarray:
         return np.asarray(self.geometry.get("affine") or np.eye(4))
+
+
+def _steps(value) -> Optional[tuple]:
+    return tuple(int(k) for k in value) if value else None
+
+
+def teacher_record(record, folder) -> Optional[dict]:
+    """A student's distilled_from with its run made absolute where the folder of the model.json that
+    records it is known (an embedded student records its teacher as "../tgca"); None: not a student."""
+    if not isinstance(record, dict):
+        return None
+    run = record.get("run")
+    if folder is not None and isinstance(run, str) and not Path(run).is_absolute():
+        record = {**record, "run": str((Path(folder) / run).resolve())}
+    return dict(record)
 
 
 @dataclass(frozen=True)
@@ -128,7 +160,8 @@ def check_inputs(spec: ModelSpec, model: str, n: int, seed: int, steps: Optional
                  need_masks: bool = True) -> Request:
     """The checks of a request against the model (after summary.check_request's numbers), and its
     defaults: the sampler (euler for flow models, else ddim) and the steps (all T for ddpm, else the
-    model's default_steps, else 50). need_masks=False (a plan only): masks may be left out."""
+    model's default_steps, else 50); a distilled student refuses steps outside its supported_steps.
+    need_masks=False (a plan only): masks may be left out."""
     from medgen_rt.sampling.summary import check_guidance
 
     check_guidance(guidance, spec.conditional, unconditional, model)
@@ -139,6 +172,11 @@ def check_inputs(spec: ModelSpec, model: str, n: int, seed: int, steps: Optional
         raise ValueError(f"sampler {sampler!r} does not fit this {spec.objective} model: "
                          "euler is for flow models, ddim and ddpm for DDPM-family ones")
     steps = steps or (spec.diffusion["timesteps"] if sampler == "ddpm" else spec.default_steps or 50)
+    if spec.supported_steps and steps not in spec.supported_steps:
+        counts = ", ".join(str(k) for k in spec.supported_steps)
+        raise ValueError(f"--steps {steps}: model {model} is a distilled student that samples in {counts} step(s) "
+                         "only (its supported_steps); for other step counts sample its teacher with the full "
+                         "sampler (--teacher with an embedded model, else --model TEACHER_RUN)")
     items = None
     if not spec.conditional:
         if masks is not None:

@@ -48,12 +48,14 @@ MAX_STUDENT_STEPS = 8
 
 def resolve_teacher(arg: str) -> tuple:
     """(teacher run folder, its VQ-GAN folder, model info) for --teacher: a run folder or an
-    embedded model name, as `medgen sample --model` takes them. Errors name --teacher."""
-    from medgen_rt.sampling.api import resolve_model  # lazy: sampling's model lookup, no import cycle
+    embedded model name, as `medgen sample --model` takes them (an embedded name gives the
+    teacher network even where the model ships a student). Errors name --teacher."""
+    from medgen_rt.sampling.api import embedded_name, resolve_model  # lazy: sampling's model lookup, no import cycle
     from medgen_rt.io.run_folder import read_model_info
 
     try:
-        teacher, vae = resolve_model(arg)
+        # an embedded name: its teacher, never a student of the student it may ship; a folder as it is
+        teacher, vae = resolve_model(arg, teacher=embedded_name(arg) is not None)
         info = read_model_info(teacher)
     except (ValueError, OSError) as exc:
         raise ValueError(f"--teacher {arg}: no model to distil ({exc})") from None
