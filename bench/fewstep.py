@@ -109,8 +109,10 @@ def main(argv=None) -> int:
         tag = re.sub(r"[^\w.-]", "_", st["name"])
         folder = work / tag / "samples"
         t0 = time.perf_counter()
+        # plain settings sample the teacher, also where an embedded --model ships a student (sample's default)
         results = medgen_rt.sample(st["model"] or a.model, n=a.n, seed=a.seed, steps=st["steps"], sampler=st["sampler"],
-                                   masks=a.masks, cache=st["cache"], out=folder, overwrite=True, quiet=True)
+                                   masks=a.masks, cache=st["cache"], out=folder, overwrite=True, quiet=True,
+                                   teacher=st["model"] is None)
         wall = time.perf_counter() - t0
         meta = [r["metadata"] for r in results]
         energy = meta[-1].get("energy") or {}
