@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,16 +12,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ptxas_report import parse, short_name  # noqa: E402
 
 
-def test_gpu_check_without_a_gpu_exits_2_within_seconds(tmp_path):
+def test_gpu_check_without_a_gpu_exits_2_before_any_work(tmp_path):
     out = tmp_path / "gpu-check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU even on a machine that has one
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--out", str(out)], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "skipped: no GPU" in proc.stderr
     assert not out.exists()  # a gpu-check JSON always means a GPU ran it
-    assert time.monotonic() - t0 < 30
 
 
 LOG = """\
