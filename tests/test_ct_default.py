@@ -4,6 +4,7 @@ another subject's map), is written as int16 HU with the map's geometry, and samp
 unconditionally through the null condition."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,11 +31,15 @@ def maps(tmp_path_factory):
     return sorted((root / "ct" / "masks").iterdir())
 
 
-def test_ct_follows_its_map(tmp_path, maps):
+@pytest.mark.parametrize("network", [(), ("--teacher", "--steps", "20")], ids=["student", "teacher"])
+def test_ct_follows_its_map(tmp_path, maps, network):
+    """The shipped default (the distilled student at its 1 step) and the teacher alike."""
     out = tmp_path / "s"
-    proc = _medgen("sample", "--model", "ct", "--masks", str(maps[0]), "--steps", "20", "--no-energy",
+    proc = _medgen("sample", "--model", "ct", "--masks", str(maps[0]), *network, "--no-energy",
                    "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    side = json.loads((out / "sample_000.json").read_text())
+    assert side["network"] == ("teacher" if network else "student")
     img, mask = nib.load(str(out / "sample_000.nii.gz")), nib.load(str(maps[0]))
     assert img.shape == mask.shape == (64, 64, 32) and img.get_data_dtype() == np.int16
     assert np.allclose(img.affine, mask.affine)
@@ -47,8 +52,7 @@ def test_ct_follows_its_map(tmp_path, maps):
 
 def test_ct_unconditional_and_missing_masks(tmp_path):
     out = tmp_path / "u"
-    proc = _medgen("sample", "--model", "ct", "--unconditional", "--steps", "10", "--no-energy", "--out", str(out),
-                   "--quiet")
+    proc = _medgen("sample", "--model", "ct", "--unconditional", "--no-energy", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (out / "sample_000_mask.nii.gz").exists() and (out / "sample_000.nii.gz").is_file()
     proc = _medgen("sample", "--model", "ct", "--no-energy", "--out", str(tmp_path / "none"))
