@@ -115,6 +115,86 @@ def test_sampling_defaults_to_the_students_steps(toy, student):
     assert json.loads((out / "sample_000.json").read_text())["steps"] == 2
 
 
+def test_onnx_engine_samples_the_student_like_the_torch_runtime(toy, student, monkeypatch, capsys):
+    """Issue #16: the student exported by `medgen export onnx` and sampled by `medgen sample --engine
+    onnx` gives what `medgen sample` (the torch runtime) gives from the same noise, within 1e-3 on the
+    latent and on the decoded image's [-1, 1] scale, at its default steps and at 1 step; the manifest
+    records the student, and the engine refuses step counts the student was not distilled for."""
+    import nibabel as nib
+    import numpy as np
+
+    from medgen_rt.export import engine
+    from medgen_rt.sampling import api
+    from medgen_rt.sampling.spec import teacher_record
+
+    info = json.loads((student / "model.json").read_text())
+    exported = toy / "student_onnx"
+    assert medgen(["export", "onnx", "--model", str(student), "--out", str(exported), "--no-fp16", "--quiet"]) == 0
+    manifest = json.loads((exported / "medgen_export.json").read_text())
+    assert set(manifest["files"]) == {"denoiser", "decoder", "encoder"}
+    assert manifest["supported_steps"] == info["supported_steps"] == [1, 2]
+    assert manifest["default_steps"] == info["default_steps"] == 2
+    assert manifest["distilled_from"] == teacher_record(info["distilled_from"], student)
+    assert manifest["distilled_from"]["sha256"] == info["distilled_from"]["sha256"]
+
+    # --seed draws the engine's initial noise from numpy and the torch runtime's from torch
+    # (medgen_rt.sample's docstring), so the engine is handed the torch runtime's noise of each seed
+    def torch_noise(self, indices, seeds, shape):
+        return np.concatenate([torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(s)).numpy()
+                               for s in seeds])
+
+    monkeypatch.setattr(engine._Denoiser, "noise", torch_noise)
+    # each runtime's decoder adapter, watched: the latent it is given (before the codebook snap)
+    # and the image it decodes, in [-1, 1] and unclipped (before HU and the NIfTI's int16)
+    seen: dict = {}
+
+    def watch(cls, name):
+        original = cls.__call__
+
+        def call(self, z, quantize, progress=None):
+            image = original(self, z, quantize, progress)
+            z = z.numpy() if torch.is_tensor(z) else z
+            seen.setdefault(name, []).append((np.array(z, dtype=np.float32), np.array(image, dtype=np.float32)))
+            return image
+
+        monkeypatch.setattr(cls, "__call__", call)
+
+    watch(engine._Decoder, "onnx")
+    watch(api._TorchDecoder, "torch")
+    runs = {"onnx": ["--engine", "onnx", "--model", str(exported)], "torch": ["--model", str(student)]}
+    for steps in (None, 1):  # the student's default (2), then 1
+        seen.clear()
+        outs = {}
+        for name, args in runs.items():
+            outs[name] = toy / f"student_{name}_{steps or 'default'}"
+            assert medgen(["sample", *args, "--n", "2", "--seed", "5", *(["--steps", str(steps)] if steps else []),
+                           "--out", str(outs[name]), "--device", "cpu", "--no-energy", "--quiet"]) == 0
+        assert len(seen["onnx"]) == len(seen["torch"]) == 2
+        # measured when written: at most 1.4e-6 on the latent (values up to 6) and 1e-6 on the image
+        # (values up to 1.7 before clipping), at 2 and at 1 step; the codebook snap picked the same entries
+        for (z_onnx, image_onnx), (z_torch, image_torch) in zip(seen["onnx"], seen["torch"]):
+            assert np.abs(z_onnx - z_torch).max() < 1e-3, steps
+            assert np.abs(image_onnx - image_torch).max() < 1e-3, steps
+        for i in range(2):
+            a, b = (json.loads((outs[k] / f"sample_{i:03d}.json").read_text()) for k in ("onnx", "torch"))
+            assert a["engine"] == "onnx" and b["engine"] == "torch" and a["seed"] == b["seed"] == 5 + i
+            assert a["network"] == b["network"] == "student"
+            assert a["steps"] == b["steps"] == (steps or manifest["default_steps"])
+            assert a["distilled_from"]["sha256"] == b["distilled_from"]["sha256"] == info["distilled_from"]["sha256"]
+            # the files: int16 HU (1000 per unit of the [-1, 1] scale), so under 1e-3 rounds to at most 1 HU apart
+            hu = [np.asarray(nib.load(str(outs[k] / f"sample_{i:03d}.nii.gz")).dataobj, dtype=np.int32)
+                  for k in ("onnx", "torch")]
+            assert np.abs(hu[0] - hu[1]).max() <= 1
+    capsys.readouterr()
+    for steps in (3, 50):
+        out = toy / f"student_onnx_refused_{steps}"
+        code = medgen(["sample", "--engine", "onnx", "--model", str(exported), "--steps", str(steps), "--out", str(out),
+                       "--device", "cpu", "--no-energy", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--steps {steps}" in err and "supported_steps" in err, err
+        assert not list(out.glob("sample_*"))
+
+
 def test_resume_continues_exactly(toy, student, capsys):
     out = toy / "resumed"
     assert _distill(toy, out, "--steps", "20") == 0
