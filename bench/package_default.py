@@ -29,8 +29,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 
+from medgen_rt.io.atomic import atomic_folder
 from medgen_rt.models.weights import load_weights
 from medgen_rt.train.checkpoint import save_weights
 
@@ -53,7 +53,7 @@ def half(tensors: dict) -> dict:
 
 
 def package(run: Path, dest: Path, weights: str, info_update: dict) -> None:
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)  # an atomic_folder temporary already exists
     save_weights(dest / weights, half(load_weights(run / weights)))
     info = {**json.loads((run / "model.json").read_text()), **info_update}
     (dest / "model.json").write_text(json.dumps(info, indent=2))
@@ -147,18 +147,10 @@ def package_student(dest: Path, run: Path, fewstep: Path, steps, figure: str, re
     except ValueError:
         source = str(fewstep)
     choice = default_choice(json.loads(fewstep.read_text()), source, run, steps, figure)
-    tmp = dest / f".{STUDENT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         package(run, tmp, model_weights_path(run).name,  # the file sampling loads (EMA when present)
                 {"vae_run": "../vae", "distilled_from": {**origin, "run": f"../{kind}"}, "default_steps": steps,
                  "default_choice": choice})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return choice
 
 

@@ -22,13 +22,12 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from medgen_rt.io.atomic import temp_sibling
+from medgen_rt.io.atomic import atomic_folder
 
 FORMAT = "medgen_rt-onnx"
 FORMAT_VERSION = 1
@@ -146,12 +145,9 @@ def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, qu
     conditional = info["kind"] in ("tgca", "controlnet")
     latent_shape = tuple(info["latent_shape"])
     cine = isinstance(vae, CineVQGAN)
-    tmp = temp_sibling(out)  # shortened when a long --out name would overflow NAME_MAX
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     files: dict = {}
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    try:
+    with atomic_folder(out) as tmp:  # NAME_MAX-safe temporary sibling; no half export is left on any error
         B = torch.export.Dim("batch", min=1, max=4096)
         x = torch.randn((2,) + latent_shape)
         t = torch.tensor([3.0, 100.0])
@@ -210,12 +206,6 @@ def export_model(model: str, out, fp16: bool = True, overwrite: bool = False, qu
         from medgen_rt.io.sidecar import write_json_atomic
 
         write_json_atomic(tmp / "medgen_export.json", manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

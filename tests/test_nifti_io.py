@@ -13,6 +13,7 @@ import pytest
 
 from medgen_rt.io import (
     NiftiError,
+    atomic_folder,
     atomic_path,
     read_header,
     read_info,
@@ -202,6 +203,22 @@ def test_atomic_path_suffix_and_cleanup(tmp_path):
         with atomic_path(tmp_path / "d" / "z.json"):
             pass
     assert folder_entries(tmp_path / "d") == ["x.nii.gz"]
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "export"
+    with atomic_folder(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".") and not any(tmp.iterdir())
+        (tmp / "a.npy").write_bytes(b"1")
+    assert folder_entries(out) == ["a.npy"]
+    with pytest.raises(KeyboardInterrupt):  # a failed rewrite keeps the old folder as it was
+        with atomic_folder(out) as tmp:
+            (tmp / "b.npy").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert folder_entries(out) == ["a.npy"] and folder_entries(tmp_path) == ["export"]
+    with atomic_folder(out) as tmp:  # a finished rewrite replaces it whole
+        (tmp / "c.npy").write_bytes(b"2")
+    assert folder_entries(out) == ["c.npy"]
 
 
 def test_read_errors_start_with_the_path(tmp_path):

@@ -1,6 +1,6 @@
 """NIfTI volumes and JSON sidecars (numpy + nibabel only; never imports torch)."""
 
-from .atomic import atomic_path, split_suffix
+from .atomic import atomic_folder, atomic_path, split_suffix
 from .nifti import (
     KINDS,
     XFORM_CODE,
@@ -18,6 +18,7 @@ from .nifti import (
 from .sidecar import read_json, sidecar_path, to_jsonable, write_json_atomic
 
 __all__ = [
+    "atomic_folder",
     "atomic_path",
     "split_suffix",
     "KINDS",

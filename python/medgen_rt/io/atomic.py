@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -215,3 +216,28 @@ def atomic_path(final_path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
         raise
     if fsync:
         _fsync_path(final.parent, directory=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final_path: PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder to fill; on success it replaces ``final_path``
+    (an existing folder there is removed first), on any error (including KeyboardInterrupt) it
+    is removed and ``final_path`` is left as it was. A leftover of a killed run is cleared.
+
+    Example::
+
+        with atomic_folder("exported") as tmp:
+            np.save(tmp / "codebook.npy", codebook)
+    """
+    final = Path(final_path)
+    tmp = temp_sibling(final)  # NAME_MAX-safe hidden sibling
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -4,7 +4,6 @@ model trains without the autoencoder. Masks (CT label maps) are kept beside the
 latents at image resolution for TGCA / ControlNet training."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from medgen_rt.data.preprocess import sampled_frame_duration
 from medgen_rt.diffusion import latent_scale_factor
-from medgen_rt.io.atomic import check_out, temp_sibling
+from medgen_rt.io.atomic import atomic_folder, check_out
 from medgen_rt.train.latents import write_latent_set
 from medgen_rt.train.vae import open_image_set
 
@@ -76,17 +75,8 @@ def encode_dataset(vae_run: str, data: str, out: str, device: str = "auto", quie
         # output's NIfTI pixdim[4] and sidecar; medgen_rt.sampling.summary.VolumeWriter)
         geometry["frame_duration"] = round(float(np.median(durations)), 6)
     scale = latent_scale_factor(latents)
-    tmp = temp_sibling(out)  # NAME_MAX-safe; a killed run's leftover of the same name is replaced
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_folder(out) as tmp:  # a full disk or an unwritable name: no half latents folder is left
         write_latent_set(tmp, zip(names, latents, masks), scale,
                          extra={"vae_run": str(Path(vae_run).resolve()), "modality": modality,
                                 "geometry": geometry, "data": str(Path(data).resolve())})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:  # a full disk or an unwritable name: no half latents folder is left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"items": len(latents), "latent_shape": list(latents[0].shape), "scale_factor": scale, "out": str(out)}
