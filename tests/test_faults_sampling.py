@@ -195,7 +195,8 @@ def test_sidecars_hold_no_local_paths_and_say_what_memory_they_measure(tmp_path)
     proc = medgen("sample", "--model", "ct", "--masks", mask, *FAST, "--out", ct)
     assert proc.returncode == 0, proc.stderr[-3000:]
     side = json.loads((ct / "sample_000.json").read_text())
-    assert (side["model"], side["vae"], side["mask"]) == ("ct-tiny/tgca", "ct-tiny/vae", "../maps/map.nii.gz")
+    # the embedded CT model samples with its shipped student (default_models/ct-tiny/student)
+    assert (side["model"], side["vae"], side["mask"]) == ("ct-tiny/student", "ct-tiny/vae", "../maps/map.nii.gz")
     _assert_portable(ct, str(tmp_path), str(api.default_model_dir("default").parent))
 
 
