@@ -48,11 +48,10 @@ def _with_backend(fn, backend):
 def _embedded(name: str, device, dtype, args) -> list:
     """Default vs reference backends (and compiled) on one embedded model's denoiser."""
     from medgen_rt.models import load_model
-    from medgen_rt.sampling.api import DENOISER_KINDS, default_model_dir, embedded_name
+    from medgen_rt.sampling.api import resolve_model
 
-    root = default_model_dir(embedded_name(name) or name)
-    folder = next(root / k for k in DENOISER_KINDS if (root / k / "model.json").is_file())
-    model, info = load_model(folder)
+    # the teacher network: a shipped student has the same architecture, so the same cost
+    model, info = load_model(resolve_model(name, teacher=True)[0])
     model = model.eval().to(device, dtype)
     torch.manual_seed(0)
     latent = tuple(info["latent_shape"])
