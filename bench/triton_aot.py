@@ -36,7 +36,9 @@ from pathlib import Path
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 REGS_PER_BLOCK = 65536
 
-FAST = ["dit3d-b/2", "dit3d-tiny", "dit4d-tiny", "ct-tiny", "cmr4d-tiny"]
+# embedded models by name where their denoiser is a DiT (ct-tiny: the TGCA's base); the cine default
+# cmr4d-tiny is a MONAI U-Net, which calls no medgen kernel
+FAST = ["dit3d-b/2", "dit3d-tiny", "dit4d-tiny", "ct-tiny"]
 SLOW = ["dit3d-s/2", "dit3d-l/2", "dit3d-b/4", "dit4d-b"]
 DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "python/medgen_rt/default_models"
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import medgen_rt
-from medgen_rt.sampling.api import default_model_dir
+from medgen_rt.sampling.api import default_model_dir, resolve_model
 
-# the embedded cine model's value (python/medgen_rt/default_models/cmr4d-tiny/dit/model.json)
+# the embedded cine model's value (python/medgen_rt/default_models/cmr4d-tiny/*/model.json)
 DEFAULT_FRAME_DURATION = 0.053475
 
 
@@ -39,7 +39,7 @@ def test_embedded_model_records_the_frame_duration_of_its_training_phantoms():
     from medgen_rt.data.phantoms import _draw_cine_params, subject_seed
     from medgen_rt.data.preprocess import sampled_frame_duration
 
-    info = json.loads((default_model_dir() / "dit" / "model.json").read_text())
+    info = json.loads((resolve_model("default")[0] / "model.json").read_text())
     frames = info["geometry"]["image_shape"][3]
     durations = []
     for i in range(1, 401):  # the heart rate alone, as make_cine_phantom draws it (no images)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import nibabel as nib
 import pytest
 import yaml
 
@@ -121,6 +122,20 @@ def test_cmr_pipeline(tmp_path):
     assert bad.returncode == 2 and "not divisible by the patch size" in bad.stderr
     assert not (runs / "dit").exists()
     _medgen("train", "dit", "--config", cfg, "--latents", str(runs / "lat"), "--out", str(runs / "dit"), *common)
+    # the embedded default's recipe: a 3D U-Net over (Z, X, Y) with the latent frames folded into channels
+    _medgen("train", "unet", "--config", cfg, "--latents", str(runs / "lat"), "--out", str(runs / "unet"), *common)
+    assert json.loads((runs / "unet" / "model.json").read_text())["config"]["frames"] == 2
+    _medgen("sample", "--model", str(runs / "unet"), "--steps", "2", "--out", str(tmp_path / "s"), *common[:2])
+    assert nib.load(tmp_path / "s" / "sample_000.nii.gz").shape == (32, 32, 4, 8)
+    # a latent grid the U-Net cannot halve twice: refused before a run folder exists
+    deep = yaml.safe_load(open(cfg))
+    deep["unet"]["model_overrides"]["channels"] = [16, 16, 16, 16]
+    deep["unet"]["model_overrides"]["attention_levels"] = [False, False, False, True]
+    deep["unet"]["model_overrides"]["num_head_channels"] = [0, 0, 0, 16]
+    (tmp_path / "deep.yaml").write_text(yaml.safe_dump(deep))
+    bad = _medgen("train", "unet", "--config", str(tmp_path / "deep.yaml"), "--latents", str(runs / "lat"),
+                  "--out", str(runs / "unet8"), *common, ok=False)
+    assert bad.returncode == 2 and "not divisible by 8" in bad.stderr and not (runs / "unet8").exists()
     # control training needs masks: these latents have none
     with_control = yaml.safe_load(open(cfg))
     with_control["control"] = {"mask_labels": [1, 2, 3], "train": {"steps": 2}}

@@ -15,6 +15,7 @@ from medgen_rt import diffusion as D
 from medgen_rt.models.dit import DiT, DiTConfig, dit_config
 from medgen_rt.models.step_cache import StepCache, cached_dit
 from medgen_rt.models.tgca import TGCA
+from medgen_rt.sampling.api import resolve_model
 
 
 def _dit(name_or_cfg, seed=0, scale=0.02):
@@ -126,13 +127,16 @@ def _medgen(*args, cwd):
 
 
 def test_sidecar_records_the_cache_and_onnx_refuses_it(tmp_path):
-    proc = _medgen("sample", "--steps", "4", "--cache", "0.3", "--no-energy", "--quiet", "--out", "s", cwd=tmp_path)
+    # the embedded CT teacher (a TGCA on a DiT; the cine default is a U-Net, which has no blocks to cache),
+    # unconditional through the null map
+    proc = _medgen("sample", "--model", "ct", "--teacher", "--unconditional", "--steps", "4", "--cache", "0.3", "--no-energy", "--quiet",
+                   "--out", "s", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     side = json.loads((tmp_path / "s" / "sample_000.json").read_text())
     cache = side["cache"]
-    depth = 6  # the embedded cine DiT
+    depth = json.loads((resolve_model("ct", teacher=True)[0] / "model.json").read_text())["base"]["config"]["depth"]
     assert cache["threshold"] == 0.3 and cache["block_evaluations"] + cache["blocks_skipped"] == 4 * depth
-    assert cache["block_evaluations"] >= depth and cache["blocks_skipped"] > 0  # 7 of 24 when written
+    assert cache["block_evaluations"] >= depth and cache["blocks_skipped"] > 0
     proc = _medgen("sample", "--engine", "onnx", "--model", str(tmp_path), "--cache", "0.1", "--no-energy",
                    "--out", "o", cwd=tmp_path)
     assert proc.returncode == 2 and "--cache" in proc.stderr and "torch" in proc.stderr

@@ -57,3 +57,28 @@ def test_only_controlnet_trains():
     ctrl(x, t, mask).square().mean().backward()
     assert all(p.grad is None for p in base.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctrl.controlnet.parameters())
+
+
+def test_cine_unet_folds_frames_into_channels():
+    """frames > 0: a cine latent (B, C, Z, H, W, T) is MONAI's 3D U-Net over (Z, H, W) on channels
+    c * T + t (built here frame by frame with torch.cat, not with the model's reshape), and back."""
+    torch.manual_seed(0)
+    cfg = unet_config("unet-tiny", frames=3)
+    model = UNetDenoiser(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert cfg.folded_channels == 24
+    x, t = torch.randn(2, 8, 4, 8, 8, 3), torch.tensor([7, 400])
+    folded = torch.cat([x[:, c:c + 1, ..., f] for c in range(8) for f in range(3)], dim=1)
+    with torch.no_grad():
+        ref = model.unet(folded, t)
+        out = model(x, t)
+    assert out.shape == x.shape
+    for c in range(8):
+        for f in range(3):
+            torch.testing.assert_close(out[:, c, ..., f], ref[:, c * 3 + f])
+    with pytest.raises(ValueError, match="3 frames"):
+        model(torch.randn(1, 8, 4, 8, 8, 4), t[:1])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 8, 6, 8, 8, 3), t[:1])

@@ -35,14 +35,23 @@ class UNetConfig:
     norm_num_groups: int = 32
     # False: no SiLU before the output convolution, as MedLoRD's U-Net (it comments it out)
     out_silu: bool = True
+    # > 0: cine latents (B, C, Z, H, W, T) with T == frames latent frames, folded into the channels of a
+    # 3D U-Net over (Z, H, W). MONAI has no 4D convolution; the few latent frames (4 for a 16-frame cycle)
+    # are mixed by every convolution, which is what makes the heart move coherently.
+    frames: int = 0
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         self.num_head_channels = tuple(self.num_head_channels)
 
+    @property
+    def folded_channels(self) -> int:
+        """Channels the MONAI U-Net sees: the latent channels times the folded frames."""
+        return self.in_channels * max(self.frames, 1)
+
     def monai_kwargs(self) -> dict:
-        return dict(spatial_dims=self.spatial_dims, in_channels=self.in_channels, num_res_blocks=self.num_res_blocks,
+        return dict(spatial_dims=self.spatial_dims, in_channels=self.folded_channels, num_res_blocks=self.num_res_blocks,
                     channels=self.channels, attention_levels=self.attention_levels,
                     num_head_channels=self.num_head_channels, norm_num_groups=self.norm_num_groups,
                     # torch's scaled_dot_product_attention (flash / memory-efficient kernels) instead of MONAI's
@@ -75,7 +84,10 @@ class UNetDenoiser(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        self.unet = DiffusionModelUNet(out_channels=config.out_channels, **config.monai_kwargs())
+        if config.frames and config.out_channels != config.in_channels:
+            raise ValueError("a U-Net over cine latents (frames > 0) needs out_channels == in_channels")
+        self.unet = DiffusionModelUNet(out_channels=config.out_channels * max(config.frames, 1),
+                                       **config.monai_kwargs())
         if not config.out_silu:
             self.unet.out[1] = nn.Identity()
 
@@ -84,20 +96,30 @@ class UNetDenoiser(nn.Module):
         return 2 ** (len(self.config.channels) - 1)
 
     def check_input(self, x: torch.Tensor) -> None:
-        f = self.downsample_factor
-        if x.dim() != 2 + self.config.spatial_dims or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"U-Net expects x of shape (B, {self.config.in_channels}, "
-                             f"{self.config.spatial_dims} spatial axes), got {tuple(x.shape)}")
-        if any(s % f for s in x.shape[2:]):
-            raise ValueError(f"U-Net input spatial size {tuple(x.shape[2:])} must be divisible by {f}")
+        f, cfg = self.downsample_factor, self.config
+        axes = cfg.spatial_dims + (1 if cfg.frames else 0)
+        if x.dim() != 2 + axes or x.shape[1] != cfg.in_channels or (cfg.frames and x.shape[-1] != cfg.frames):
+            frames = f" x {cfg.frames} frames" if cfg.frames else ""
+            raise ValueError(f"U-Net expects x of shape (B, {cfg.in_channels}, {cfg.spatial_dims} spatial axes"
+                             f"{frames}), got {tuple(x.shape)}")
+        spatial = x.shape[2:2 + cfg.spatial_dims]
+        if any(s % f for s in spatial):
+            raise ValueError(f"U-Net input spatial size {tuple(spatial)} must be divisible by {f}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                 down_residuals=None, mid_residual=None) -> torch.Tensor:
         self.check_input(x)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return self.unet(x, t, down_block_additional_residuals=down_residuals,
-                         mid_block_additional_residual=mid_residual)
+        frames = self.config.frames
+        if frames:  # (B, C, Z, H, W, T) -> (B, C*T, Z, H, W)
+            b, c = x.shape[:2]
+            x = x.movedim(-1, 2).reshape(b, c * frames, *x.shape[2:-1])
+        out = self.unet(x, t, down_block_additional_residuals=down_residuals,
+                        mid_block_additional_residual=mid_residual)
+        if frames:
+            out = out.reshape(b, -1, frames, *out.shape[2:]).movedim(2, -1)
+        return out
 
 
 class ControlledUNet(nn.Module):

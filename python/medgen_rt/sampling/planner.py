@@ -213,7 +213,9 @@ def analytic_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: to
         return MemoryCost(fixed=weights, per_unit=per_token, unit="token", source="analytic")
     unet = net.base if isinstance(getattr(net, "base", None), nn.Module) else net
     f = getattr(unet, "downsample_factor", 1)
-    probe_spatial = tuple(-(-max(8, s // 4) // f) * f for s in latent_shape[1:])
+    frames = getattr(getattr(unet, "config", None), "frames", 0)  # cine: the folded frame axis stays whole
+    axes = latent_shape[1:len(latent_shape) - (1 if frames else 0)]
+    probe_spatial = tuple(-(-max(8, s // 4) // f) * f for s in axes) + ((frames,) if frames else ())
     param = next(net.parameters())
     inputs = denoiser_inputs(net, latent_shape[0], probe_spatial, param.device, param.dtype)
     with torch.no_grad(), _LiveTensors() as live:

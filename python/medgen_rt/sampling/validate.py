@@ -280,7 +280,12 @@ def check_model_folder(denoiser_dir, vae_dir) -> tuple:
         _fail(info_path, "latent_shape", f"{list(latent_shape)} but the {core.__class__.__name__} was built "
                                          f"for latents of spatial size {list(size)} (config.input_size)")
     multiple = getattr(core, "downsample_factor", None)
-    if isinstance(multiple, int) and any(s % multiple for s in latent_shape[1:]):
+    frames = getattr(cfg, "frames", 0)  # a cine U-Net folds its last (frame) axis into channels
+    if frames and latent_shape[-1] != frames:
+        _fail(info_path, "latent_shape", f"{list(latent_shape)} but the U-Net folds {frames} latent frames "
+                                         "(config.frames)")
+    halved = latent_shape[1:len(latent_shape) - (1 if frames else 0)]
+    if isinstance(multiple, int) and any(s % multiple for s in halved):
         _fail(info_path, "latent_shape", f"{list(latent_shape)}: the U-Net needs spatial sizes divisible by "
                                          f"{multiple}")
     k = getattr(net, "mask_channels", None)

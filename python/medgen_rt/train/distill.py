@@ -60,8 +60,8 @@ def resolve_teacher(arg: str) -> tuple:
     except (ValueError, OSError) as exc:
         raise ValueError(f"--teacher {arg}: no model to distil ({exc})") from None
     kind, objective = info.get("kind"), (info.get("diffusion") or {}).get("objective")
-    if kind not in ("dit", "tgca") or objective != "flow":
-        raise ValueError(f"--teacher {arg}: distillation needs a rectified-flow DiT or TGCA run (diffusion objective "
+    if kind not in ("dit", "unet", "tgca") or objective != "flow":
+        raise ValueError(f"--teacher {arg}: distillation needs a rectified-flow DiT, U-Net or TGCA run (diffusion objective "
                          f"flow, Euler sampling); {teacher} is a {kind} run with objective {objective!r}")
     if "distilled_from" in info:
         raise ValueError(f"--teacher {arg}: this run is itself a distilled student (of "
