@@ -121,3 +121,21 @@ def test_torchrun_splits_volumes_and_merges_one_summary(tmp_path):
     one = medgen_rt.sample("default", n=3, seed=7, steps=4, energy=False, indices=[1])
     made = nib.load(str(tmp_path / "two" / "sample_001.nii.gz")).get_fdata(dtype=np.float32)
     np.testing.assert_allclose(made, one[0]["volume"], atol=1e-4)
+
+
+def test_probe_sizes_fit_a_cine_unet():
+    """The denoiser probes (analytic on the CPU, measured on CUDA) run a cine U-Net at sizes it
+    accepts: axes rounded up to its downsampling, the folded frame axis whole."""
+    from medgen_rt.models.unet import UNetDenoiser, unet_config
+    from medgen_rt.sampling import planner as P
+
+    net = UNetDenoiser(unet_config("unet-tiny", frames=4)).eval()
+    latent = (8, 8, 24, 24, 4)
+    small = P._probe_spatial(net, latent, divisor=4, floor=1)
+    assert small == (4, 8, 8, 4)
+    for spatial in (small, tuple(min(2 * s, full) for s, full in zip(small, latent[1:]))):
+        x, t = P.denoiser_inputs(net, 8, spatial, "cpu", torch.float32)
+        with torch.no_grad():
+            assert net(x, t).shape == x.shape
+    cost = P.analytic_denoise_cost(net, latent, torch.float32)
+    assert cost.unit == "latent voxel" and cost.per_unit > 0

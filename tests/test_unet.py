@@ -82,3 +82,8 @@ def test_cine_unet_folds_frames_into_channels():
         model(torch.randn(1, 8, 4, 8, 8, 4), t[:1])
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.randn(1, 8, 6, 8, 8, 3), t[:1])
+    with pytest.raises(ValueError, match="folds 3 cine frames"):
+        ControlledUNet(model, mask_channels=2)
+    for bad in (-1, True, "auto"):
+        with pytest.raises(ValueError, match="frames must be an integer"):
+            unet_config("unet-tiny", frames=bad)

@@ -41,6 +41,8 @@ class UNetConfig:
     frames: int = 0
 
     def __post_init__(self):
+        if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 0:
+            raise ValueError(f"U-Net frames must be an integer >= 0 (0: no frame axis), got {self.frames!r}")
         self.channels = tuple(self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         self.num_head_channels = tuple(self.num_head_channels)
@@ -84,8 +86,6 @@ class UNetDenoiser(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        if config.frames and config.out_channels != config.in_channels:
-            raise ValueError("a U-Net over cine latents (frames > 0) needs out_channels == in_channels")
         self.unet = DiffusionModelUNet(out_channels=config.out_channels * max(config.frames, 1),
                                        **config.monai_kwargs())
         if not config.out_silu:
@@ -147,6 +147,9 @@ class ControlledUNet(nn.Module):
                  initial_stride: Optional[int] = None, transformer_attention: Optional[bool] = None,
                  num_head_channels: Optional[tuple] = None, norm_num_groups: Optional[int] = None):
         super().__init__()
+        if base.config.frames:
+            raise ValueError("a ControlNet needs a U-Net over 3D latents; this base folds "
+                             f"{base.config.frames} cine frames into its channels (config.frames)")
         if variant not in self.VARIANTS:
             raise ValueError(f"ControlNet variant {variant!r}: choose one of {', '.join(self.VARIANTS)}")
         lightweight_only = dict(r=r, initial_stride=initial_stride, transformer_attention=transformer_attention,

@@ -186,6 +186,20 @@ def denoiser_inputs(net: nn.Module, latent_channels: int, spatial: Sequence[int]
     return x, t, torch.zeros((1, net.mask_channels, *(s * factor for s in spatial)), device=device, dtype=dtype)
 
 
+def _probe_spatial(net: nn.Module, latent_shape: Sequence[int], divisor: int, floor: int) -> tuple:
+    """A probe forward's spatial size: each latent axis divided by divisor (at least floor), as the
+    network accepts it: a U-Net's rounded up to its downsampling factor, and the frame axis of a
+    cine U-Net (folded into its channels) kept whole."""
+    unet = net.base if isinstance(getattr(net, "base", None), nn.Module) else net
+    f = getattr(unet, "downsample_factor", None)
+    frames = getattr(getattr(unet, "config", None), "frames", 0) if f else 0
+    axes = latent_shape[1:len(latent_shape) - (1 if frames else 0)]
+    sizes = [max(floor, s // divisor) for s in axes]
+    if f:
+        sizes = [-(-s // f) * f for s in sizes]
+    return tuple(sizes) + ((frames,) if frames else ())
+
+
 def analytic_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: torch.dtype) -> MemoryCost:
     """Inference without gradients holds one block's activations at a time. A DiT block
     holds per token: the residual stream and its modulated copy (2h), qkv (3h), the
@@ -211,11 +225,7 @@ def analytic_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: to
         if dit is not net:  # TGCA: the mask encoder's tokens and one control per injected layer
             per_token += 2 * h * e
         return MemoryCost(fixed=weights, per_unit=per_token, unit="token", source="analytic")
-    unet = net.base if isinstance(getattr(net, "base", None), nn.Module) else net
-    f = getattr(unet, "downsample_factor", 1)
-    frames = getattr(getattr(unet, "config", None), "frames", 0)  # cine: the folded frame axis stays whole
-    axes = latent_shape[1:len(latent_shape) - (1 if frames else 0)]
-    probe_spatial = tuple(-(-max(8, s // 4) // f) * f for s in axes) + ((frames,) if frames else ())
+    probe_spatial = _probe_spatial(net, latent_shape, divisor=4, floor=8)
     param = next(net.parameters())
     inputs = denoiser_inputs(net, latent_shape[0], probe_spatial, param.device, param.dtype)
     with torch.no_grad(), _LiveTensors() as live:
@@ -338,8 +348,8 @@ def measure_denoise_cost(net: nn.Module, latent_shape: Sequence[int], dtype: tor
     cached = _cached(key)
     if cached:
         return cached
-    step = [max(1, s // 4) for s in latent_shape[1:]]
-    shapes = [tuple(step), tuple(min(2 * s, full) for s, full in zip(step, latent_shape[1:]))]
+    step = _probe_spatial(net, latent_shape, divisor=4, floor=1)
+    shapes = [step, tuple(min(2 * s, full) for s, full in zip(step, latent_shape[1:]))]
     peaks, units = [], []
     for spatial in shapes:
         inputs = denoiser_inputs(net, latent_shape[0], spatial, device, dtype)

@@ -285,6 +285,10 @@ def check_model_folder(denoiser_dir, vae_dir) -> tuple:
         _fail(info_path, "latent_shape", f"{list(latent_shape)} but the U-Net folds {frames} latent frames "
                                          "(config.frames)")
     halved = latent_shape[1:len(latent_shape) - (1 if frames else 0)]
+    dims = getattr(cfg, "spatial_dims", None)
+    if isinstance(multiple, int) and isinstance(dims, int) and len(halved) != dims:
+        _fail(info_path, "latent_shape", f"{list(latent_shape)} but the U-Net is {dims}D"
+                                         + (f" with {frames} folded frames" if frames else ""))
     if isinstance(multiple, int) and any(s % multiple for s in halved):
         _fail(info_path, "latent_shape", f"{list(latent_shape)}: the U-Net needs spatial sizes divisible by "
                                          f"{multiple}")

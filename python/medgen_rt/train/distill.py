@@ -1,4 +1,4 @@
-"""`medgen train distill`: a student of a rectified-flow DiT or TGCA run that samples in a
+"""`medgen train distill`: a student of a rectified-flow DiT, U-Net or TGCA run that samples in a
 few Euler steps. The student is the teacher's network (same architecture, initialised with
 the teacher's weights; for TGCA the whole model, base included, is trained), so the run
 folder samples and exports like any other; model.json adds distilled_from, student_steps,

@@ -87,20 +87,23 @@ def _denoiser_task(args, cfg, device, where):
         from medgen_rt.models.unet import unet_config
 
         if overrides.get("frames") == "auto":  # cine latents (C, Z, H, W, T): fold T into channels
-            overrides["frames"] = int(train.latent_shape[4]) if len(train.latent_shape) == 5 else 0
+            dims = unet_config(section["model"]).spatial_dims if "spatial_dims" not in overrides \
+                else overrides["spatial_dims"]
+            overrides["frames"] = int(train.latent_shape[-1]) if len(train.latent_shape) == dims + 2 else 0
         model_cfg = unet_config(section["model"], **overrides)
         if train.latent_shape[0] != model_cfg.in_channels:
             raise ValueError(f"{where}: latents have {train.latent_shape[0]} channels, the U-Net expects "
                              f"{model_cfg.in_channels}")
         spatial = tuple(train.latent_shape[1:])
         if model_cfg.frames:
-            if len(spatial) != 4 or spatial[-1] != model_cfg.frames:
+            if len(spatial) != model_cfg.spatial_dims + 1 or spatial[-1] != model_cfg.frames:
                 raise ValueError(f"{where}: model_overrides.frames {model_cfg.frames} needs cine latents with "
                                  f"{model_cfg.frames} latent frames, got latents of shape {tuple(train.latent_shape)}")
             spatial = spatial[:-1]
         elif len(spatial) != model_cfg.spatial_dims:
             raise ValueError(f"{where}: latents of shape {tuple(train.latent_shape)} have {len(spatial)} axes; a "
-                             f"{model_cfg.spatial_dims}D U-Net takes 3 (cine latents: model_overrides.frames: auto)")
+                             f"{model_cfg.spatial_dims}D U-Net takes {model_cfg.spatial_dims} (cine latents: "
+                             "model_overrides.frames: auto)")
         f = 2 ** (len(model_cfg.channels) - 1)
         if any(n % f for n in spatial):
             raise ValueError(f"{where}: latent size {spatial} is not divisible by {f}, the U-Net's downsampling "
