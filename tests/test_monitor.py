@@ -35,7 +35,9 @@ def _phantom_latent(seed: int) -> torch.Tensor:
 
 
 class PassThroughVAE(nn.Module):
-    """Decodes a latent as its first channel: the monitor then scores the latents themselves."""
+    """Decodes a latent (C, Z, X, Y, T) as its first channel in image layout (X, Y, Z, T),
+    doubled in-plane so that slices hold several 8x8 patches for local realism: the
+    monitor then scores the latents themselves."""
 
     class _Q:
         @staticmethod
@@ -45,7 +47,8 @@ class PassThroughVAE(nn.Module):
     quantizer = _Q()
 
     def decode(self, z):
-        return z[:, :1]
+        image = z[:, :1].permute(0, 1, 3, 4, 2, 5)
+        return image.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
 class ToTargets(nn.Module):
@@ -86,6 +89,8 @@ def test_monitor_tells_copies_new_subjects_and_noise_apart(task):
     assert new["realism"] > 0.9
     assert noise["realism"] < 0.5 * new["realism"]
     assert noise["mmd2"] > new["mmd2"]
+    print({k: (copied[k], new[k], noise[k]) for k in ("realism", "local_realism")})
+    assert new["local_realism"] > 0.8 and noise["local_realism"] < 0.6 * new["local_realism"]
 
 
 def test_image_row_pools_space_and_keeps_time():
@@ -144,11 +149,16 @@ def test_train_logs_sample_figures_draws_curves_and_keeps_best(tmp_path, vae_lat
     assert [int(r["step"]) for r in monitored] == [0, 2, 4]
     for r in monitored:
         assert 0.0 <= float(r["sample_copy_rate"]) <= 1.0 and np.isfinite(float(r["sample_realism"]))
+        assert "sample_local_realism" in r
     from PIL import Image
 
     assert Image.open(out / "quality.png").size[0] > 100
     best = json.loads((out / "best" / "model.json").read_text())
-    realisms = {int(r["step"]): float(r["sample_realism"]) for r in monitored if int(r["step"]) > 0}
+    def figure(r):  # local realism where measured, as _best_score decides
+        local = float(r["sample_local_realism"] or "nan")
+        return local if np.isfinite(local) else float(r["sample_realism"])
+
+    realisms = {int(r["step"]): figure(r) for r in monitored if int(r["step"]) > 0}
     assert best["selected"]["step"] == min(realisms, key=lambda s: (abs(1 - realisms[s]), s))
     from medgen_rt.models import load_model
 
@@ -179,3 +189,7 @@ def test_best_model_is_chosen_by_dice_when_the_model_follows_maps():
     assert _best_score({"realism": 1.0, "dice_blood": float("nan"), "dice_myocardium": 0.9}) == -np.inf
     # others: realism closest to 1 (copies and averages score above it)
     assert _best_score({"realism": 0.95}) > _best_score({"realism": 1.10}) > _best_score({"realism": 0.5})
+    # local realism, when measured, decides: the whole-volume figure rewards blurry samples
+    assert _best_score({"realism": 0.52, "local_realism": 0.95}) > _best_score({"realism": 0.99, "local_realism": 0.74})
+    for missing in (float("nan"), None):
+        assert _best_score({"realism": 0.95, "local_realism": missing}) == _best_score({"realism": 0.95})

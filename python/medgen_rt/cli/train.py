@@ -83,11 +83,11 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
         p.set_defaults(monitor_samples=None, keep_best_copy_rate=None)
     else:
         p.add_argument("--monitor-samples", type=nonneg_int, metavar="N",
-                       help="override train.monitor_samples: volumes sampled at every validation to log realism "
-                            "and copy rate into metrics.csv and quality.png (0: off)")
+                       help="override train.monitor_samples: volumes sampled at every validation to log local "
+                            "and whole-volume realism and copy rate into metrics.csv and quality.png (0: off)")
         p.add_argument("--keep-best", type=_fraction, metavar="COPY_RATE", dest="keep_best_copy_rate",
-                       help="keep, in OUT/best/, the validated model whose realism is closest to 1 among those "
-                            "whose copy rate is at most COPY_RATE")
+                       help="keep, in OUT/best/, the validated model whose local realism (mask models: mean "
+                            "Dice) is closest to 1 among those whose copy rate is at most COPY_RATE")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--country", type=country_arg,
                    help="ISO 3166 alpha-3 code for the CO2 estimate (default MEDGEN_COUNTRY_ISO or DEU)")

@@ -133,12 +133,16 @@ class StopRequested(Exception):
 
 def _best_score(figures: dict) -> float:
     """Higher is better. Mask-conditioned models: the mean Dice against their maps (following
-    the map is their job; realism stays near 1 throughout). Others: realism closest to 1, not
-    highest, since copies and population averages score at or above 1."""
+    the map is their job; realism stays near 1 throughout). Others: local realism (else the
+    whole-volume realism, which rewards blur) closest to 1, not highest, since copies and
+    population averages score at or above 1."""
     dice = [v for k, v in figures.items() if k.startswith("dice_")]
     if dice:
         return float(np.mean(dice)) if all(math.isfinite(v) for v in dice) else -math.inf
-    return -abs(1 - figures.get("realism", math.inf))
+    local = figures.get("local_realism")  # None or nan where nothing was measured
+    if local is None or not math.isfinite(local):
+        local = figures.get("realism", math.inf)
+    return -abs(1 - local)
 
 
 class Trainer:

@@ -13,7 +13,10 @@ the decoder's own blur counts against neither side:
   threshold of ``medgen eval memorization`` (95th percentile of new subjects' nearest-training
   r, ``evaluation.memorization.copy_null``). The rule is the same; the embedding here is the downsampled
   image itself, not the contrastive encoder, which would cost minutes per interval;
-* mmd2: unbiased MMD^2 between samples and validation volumes (0 for the same population).
+* mmd2: unbiased MMD^2 between samples and validation volumes (0 for the same population);
+* local_realism: ``medgen eval quality``'s patch figure (``evaluation.metrics.local_realism``)
+  against the validation volumes; the whole-volume figure above rewards blur on cine phantoms
+  (a blotchy DiT scored 0.80 where a U-Net drawing clean hearts scored 0.52), this one does not.
 
 Rows are the decoded images in [0, 1] on the grid of ``medgen eval quality``'s realism
 figure, band-passed like it (``evaluation.metrics.realism_row``), for the copy rate too:
@@ -28,14 +31,18 @@ import torch
 
 from medgen_rt import diffusion as D
 from medgen_rt.evaluation.memorization import copy_null, copy_threshold, nearest_neighbours, nn_realism
-from medgen_rt.evaluation.metrics import mmd_rbf, realism_grid, realism_row
+from medgen_rt.evaluation.metrics import local_realism, mmd_rbf, patch_table, realism_grid, realism_row
+
+
+def _unit(image: torch.Tensor) -> np.ndarray:
+    return ((image[0].float().clamp(-1, 1) + 1) / 2).numpy()
 
 
 def image_row(image: torch.Tensor) -> np.ndarray:
     """Decoded image (1, X, Y, Z[, T]) in [-1, 1] -> the row `medgen eval quality` compares
     volumes on (``evaluation.metrics.realism_row``: [0, 1], area-averaged to <= 64 per side,
     band-passed)."""
-    v01 = ((image[0].float().clamp(-1, 1) + 1) / 2).numpy()
+    v01 = _unit(image)
     return realism_row(v01, realism_grid(v01.shape))
 
 
@@ -58,7 +65,9 @@ class SampleMonitor:
         self.sampler = "euler" if task.diffusion.objective == "flow" else "ddim"
         picks = np.linspace(0, len(task.train_set) - 1, min(n_train_refs, len(task.train_set))).round().astype(int)
         self.train_rows = np.stack([self._reference_row(task.train_set, int(i)) for i in np.unique(picks)])
-        self.val_rows = np.stack([self._reference_row(task.val_set, i) for i in range(len(task.val_set))])
+        val_images = [self._decode(task.val_set.load(i)["latent"].float()[None])[0] for i in range(len(task.val_set))]
+        self.val_rows = np.stack([image_row(im) for im in val_images])
+        self.val_patches = [patch_table(_unit(im), seed=i) for i, im in enumerate(val_images)]
         # new subjects searched against the training references, as the samples are
         self.threshold = copy_threshold(copy_null({"image": self.train_rows}, {"image": self.val_rows})["image"])
         # conditioning maps for control adapters: the validation subjects' maps, in turn
@@ -103,7 +112,7 @@ class SampleMonitor:
         return z.float().cpu() / task.scale
 
     def evaluate(self, model) -> dict:
-        """{realism, nn_r, copy_rate, mmd2} of n fresh samples of `model`; for a CT control
+        """{realism, nn_r, copy_rate, mmd2, local_realism} of n fresh samples of `model`; for a CT control
         adapter also the mean blood and myocardium Dice against the conditioning maps
         (``evaluation.metrics.ct_mask_adherence``)."""
         images = self._decode(self.sample_latents(model))
@@ -112,7 +121,9 @@ class SampleMonitor:
         _, r_train = nearest_neighbours(rows, self.train_rows)
         out = {"realism": real["ratio"], "nn_r": real["synthetic_median"],
                "copy_rate": float(np.mean(r_train > self.threshold)),
-               "mmd2": mmd_rbf(rows, self.val_rows)["mmd2"]}
+               "mmd2": mmd_rbf(rows, self.val_rows)["mmd2"],
+               "local_realism": local_realism([patch_table(_unit(im), seed=i) for i, im in enumerate(images)],
+                                              self.val_patches)["ratio"]}
         if self.label_maps is not None and self.task.model_info().get("modality") == "ct":
             from medgen_rt.data.preprocess import unit_to_ct
             from medgen_rt.evaluation.metrics import ct_mask_adherence
@@ -124,7 +135,8 @@ class SampleMonitor:
         return out
 
 
-CURVES = (("sample_realism", "realism (samples' nearest-neighbour r / held-out's own)", 1.0),
+CURVES = (("sample_local_realism", "local realism (samples' patches vs held-out's own)", 1.0),
+          ("sample_realism", "realism (samples' nearest-neighbour r / held-out's own)", 1.0),
           ("sample_copy_rate", "copy rate (share of samples above the copy threshold)", None))
 
 

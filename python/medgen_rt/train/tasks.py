@@ -80,7 +80,10 @@ class DenoiserTask(TrainingTask):
     adapters (conditional=True). Latents are multiplied by their scale factor.
     """
 
-    name = "dit"
+    @property
+    def name(self) -> str:
+        """The stage (dit, unet, control) for progress bars and checkpoint records."""
+        return self._info.get("kind", "denoiser")
 
     def __init__(self, model: nn.Module, train: LatentSet, val: LatentSet, diffusion: DiffusionSettings,
                  device: torch.device, model_info: dict, conditional: bool = False,
