@@ -170,14 +170,15 @@ def _assert_portable(folder, *local):
 
 
 def test_sidecars_hold_no_local_paths_and_say_what_memory_they_measure(tmp_path):
-    # a run folder elsewhere, named as `medgen train` writes it (dit/ names its VQ-GAN as ../vae)
+    # a run folder elsewhere, named as `medgen train` writes it (unet/ names its VQ-GAN as ../vae)
     runs = tmp_path / "runs"
     shutil.copytree(api.default_model_dir("default"), runs)
+    kind = api.resolve_model("default")[0].name
     out = tmp_path / "out"
-    proc = medgen("sample", "--model", runs / "dit", *FAST, "--out", out)
+    proc = medgen("sample", "--model", runs / kind, *FAST, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     side = json.loads((out / "sample_000.json").read_text())
-    assert side["model"] == "../runs/dit" and side["vae"] == "../runs/vae"
+    assert side["model"] == f"../runs/{kind}" and side["vae"] == "../runs/vae"
     _assert_portable(out, str(tmp_path), str(api.default_model_dir("default").parent))
     # what is measured, and what was planned, named as such (on the CPU: the process's RSS)
     assert set(side["peak_process_rss_gb"]) == {"denoise", "decode"} and "peak_memory_gb" not in side

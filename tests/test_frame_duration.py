@@ -78,7 +78,7 @@ def test_encode_records_the_median_frame_duration(tmp_path):
 def test_a_model_without_the_frame_duration_says_it_is_unknown(tmp_path):
     model = tmp_path / "old-model"
     shutil.copytree(default_model_dir(), model)
-    info_path = model / "dit" / "model.json"
+    info_path = model / resolve_model("default")[0].name / "model.json"  # the denoiser: unet/ (dit/ before)
     info = json.loads(info_path.read_text())
     del info["geometry"]["frame_duration"]
     info_path.write_text(json.dumps(info))
