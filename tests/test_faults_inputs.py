@@ -29,10 +29,21 @@ PEAK_LIMIT_MB = 200
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
-def _model_copy(tmp_path, name="cine") -> Path:
-    """A writable copy of an embedded model (dit/ or tgca/ + vae/) to tamper with."""
-    root = tmp_path / f"model-{name}"
-    shutil.copytree(default_model_dir(name), root)
+def _model_copy(tmp_path) -> Path:
+    """A writable cine DiT model (dit/ + vae/) to tamper with: the embedded cine VQ-GAN and a DiT4D
+    with the previous cine default's model.json (tests/data) and seeded random weights. The
+    embedded cine default is a U-Net now; these checks are of a DiT's model.json."""
+    from medgen_rt.io.run_folder import flatten_modules
+    from medgen_rt.models import build_model
+
+    root = tmp_path / "model-cine-dit"
+    shutil.copytree(default_model_dir("cine") / "vae", root / "vae")
+    (root / "dit").mkdir()
+    info = json.loads((Path(__file__).parent / "data" / "cine-dit-model.json").read_text())
+    (root / "dit" / "model.json").write_text(json.dumps(info))
+    torch.manual_seed(0)
+    weights = {k: v.contiguous() for k, v in build_model(info).state_dict().items()}
+    save_file(flatten_modules({"model": weights}), str(root / "dit" / "ema.safetensors"))
     return root
 
 
