@@ -65,7 +65,7 @@ class SampleMonitor:
         self.sampler = "euler" if task.diffusion.objective == "flow" else "ddim"
         picks = np.linspace(0, len(task.train_set) - 1, min(n_train_refs, len(task.train_set))).round().astype(int)
         self.train_rows = np.stack([self._reference_row(task.train_set, int(i)) for i in np.unique(picks)])
-        val_images = [self._decode(task.val_set.load(i)["latent"].float()[None])[0] for i in range(len(task.val_set))]
+        val_images = [self._reference_image(task.val_set, i) for i in range(len(task.val_set))]
         self.val_rows = np.stack([image_row(im) for im in val_images])
         self.val_patches = [patch_table(_unit(im), seed=i) for i, im in enumerate(val_images)]
         # new subjects searched against the training references, as the samples are
@@ -86,8 +86,11 @@ class SampleMonitor:
             out.append(self.vae.decode(z)[0].float().cpu())
         return out
 
+    def _reference_image(self, dataset, i: int) -> torch.Tensor:
+        return self._decode(dataset.load(i)["latent"].float()[None])[0]
+
     def _reference_row(self, dataset, i: int) -> np.ndarray:
-        return image_row(self._decode(dataset.load(i)["latent"].float()[None])[0])
+        return image_row(self._reference_image(dataset, i))
 
     @torch.no_grad()
     def sample_latents(self, model) -> torch.Tensor:

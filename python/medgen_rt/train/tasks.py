@@ -82,7 +82,7 @@ class DenoiserTask(TrainingTask):
 
     @property
     def name(self) -> str:
-        """The stage (dit, unet, control) for progress bars and checkpoint records."""
+        """The model kind (dit, unet, tgca, controlnet) for progress bars and checkpoint records."""
         return self._info.get("kind", "denoiser")
 
     def __init__(self, model: nn.Module, train: LatentSet, val: LatentSet, diffusion: DiffusionSettings,
