@@ -5,20 +5,17 @@ unconditionally through the null condition."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from medgen_rt.evaluation.metrics import ct_mask_adherence
+from cli_run import medgen
 
 
 def _medgen(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "medgen_rt", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return medgen(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

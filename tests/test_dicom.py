@@ -22,7 +22,7 @@ import medgen_rt  # noqa: E402
 from medgen_rt.io.dicom import PRIVATE, PRIVATE_CREATOR, PRIVATE_GROUP, export_samples, write_dicom  # noqa: E402
 from medgen_rt.io.outputs import write_generated  # noqa: E402
 
-from cli_faults import assert_clean_error, medgen  # noqa: E402
+from cli_run import assert_clean_error, medgen  # noqa: E402
 
 # a "training subject" whose name and folder must never reach a DICOM tag
 SUBJECT = "JaneDoe4711"

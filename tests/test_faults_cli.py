@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_faults import assert_clean_error, medgen
+from cli_run import assert_clean_error, medgen
 from test_train import _config, latents  # noqa: F401  (the tiny 4D latents fixture and its DiT config)
 
 VERBS = ("train", "encode", "export", "eval", "phantom")

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from cli_faults import assert_clean_error, medgen
+from cli_run import assert_clean_error, medgen
 from safetensors.torch import load_file, save_file
 
 from medgen_rt.sampling.api import default_model_dir, resolve_model

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import medgen_rt
-from cli_faults import assert_clean_error, medgen
+from cli_run import assert_clean_error, medgen
 from medgen_rt.sampling import api
 
 FAST = ("--steps", "2", "--no-energy", "--quiet")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_faults import assert_clean_error, medgen
+from cli_run import assert_clean_error, medgen
 from medgen_rt.data.phantoms import write_ct_dataset
 from medgen_rt.evaluation.datasets import EvalInputError, open_set
 from medgen_rt.evaluation.share import gate

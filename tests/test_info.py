@@ -12,6 +12,7 @@ import torch
 
 import medgen_rt
 from medgen_rt.ops import _native
+from cli_run import medgen
 
 
 def _nvcc_present() -> bool:
@@ -39,7 +40,7 @@ def test_native_cuda_device_query_is_safe_without_gpu():
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "medgen_rt", *args], capture_output=True, text=True, timeout=120)
+    return medgen(*args, timeout=120)
 
 
 def test_medgen_info_json_lists_compiled_parts_and_devices():

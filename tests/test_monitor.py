@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +18,7 @@ from medgen_rt.evaluation.metrics import realism_row
 from medgen_rt.train.latents import open_latents, write_latent_set
 from medgen_rt.train.monitor import SampleMonitor, image_row
 from medgen_rt.train.tasks import DenoiserTask, DiffusionSettings
+from cli_run import medgen
 
 SHAPE = (8, 4, 8, 8, 4)  # latent (C, Z, H, W, T)
 
@@ -141,8 +140,7 @@ def test_train_logs_sample_figures_draws_curves_and_keeps_best(tmp_path, vae_lat
     cmd = [sys.executable, "-m", "medgen_rt", "train", "dit", "--config", str(_config(tmp_path)),
            "--latents", str(vae_latents), "--out", str(out), "--quiet", "--no-energy", "--device", "cpu",
            "--keep-best", "1.0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = medgen(*cmd[3:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     monitored = [r for r in rows if r.get("sample_realism")]
@@ -175,7 +173,7 @@ def test_monitor_needs_the_vae_run(tmp_path, vae_latents):
     (latents / "latents.json").write_text(json.dumps(index))
     cmd = [sys.executable, "-m", "medgen_rt", "train", "dit", "--config", str(_config(tmp_path)),
            "--latents", str(latents), "--out", str(tmp_path / "run"), "--quiet", "--no-energy", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = medgen(*cmd[3:])
     assert proc.returncode == 2 and "monitor_samples" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
 

@@ -18,6 +18,7 @@ from medgen_rt.export.engine import ExportError, OnnxEngine, read_manifest
 from medgen_rt.export.onnx_export import export_model
 from medgen_rt.models import load_model
 from medgen_rt.sampling.api import resolve_model
+from cli_run import medgen
 
 CPU = ["CPUExecutionProvider"]
 
@@ -219,10 +220,6 @@ def test_engine_runs_without_torch(exported, tmp_path):
 
 
 def test_bad_exports_fail_clearly(exported, tmp_path):
-    def medgen(*args):
-        return subprocess.run([sys.executable, "-m", "medgen_rt", *args], capture_output=True, text=True,
-                              timeout=300)
-
     proc = medgen("sample", "--engine", "onnx", "--model", str(tmp_path), "--no-energy", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "not a medgen_rt ONNX export" in proc.stderr and "Traceback" not in proc.stderr
     newer = tmp_path / "newer"

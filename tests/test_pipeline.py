@@ -3,20 +3,16 @@ encode -> train dit -> train control (TGCA on CT), each through the CLI."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
-import pytest
 import yaml
 
 from medgen_rt.train.latents import open_latents
+from cli_run import medgen
 
 
 def _medgen(*args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "medgen_rt", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = medgen(*args)
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -11,15 +11,13 @@ and leave what the README promises in its ``--out``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_run import medgen
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- walkthrough -->"
@@ -162,15 +160,14 @@ def test_walkthrough_is_complete():
 def test_walkthrough_runs(tmp_path):
     lines = walkthrough_lines(README.read_text())
     assert lines, f"no ```bash block after {MARKER} in README.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDGEN_CACHE": str(tmp_path / ".cache")}
+    env = {"MEDGEN_CACHE": str(tmp_path / ".cache")}
     work = tmp_path / "walk"
     work.mkdir()
     log = []
     for command, comment in lines:
         args = fast(shlex.split(command))
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "medgen_rt", *args[1:]], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = medgen(*args[1:], cwd=work, env=env)
         log.append(f"{time.perf_counter() - t0:6.1f} s  {shlex.join(args)}")
         ok = allowed_status(comment)
         assert proc.returncode in ok, (f"README: `{command}`\nran as: {shlex.join(args)}\n"

@@ -3,21 +3,17 @@ files written, reproducible for a seed, clear errors and no partial files."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 import medgen_rt
 from medgen_rt.sampling.api import resolve_model
+from cli_run import medgen
 
 
 def _medgen(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "medgen_rt", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return medgen(*args, cwd=cwd, timeout=300)
 
 
 def test_default_sample_without_arguments(tmp_path):

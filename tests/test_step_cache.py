@@ -4,9 +4,6 @@ batch keep their own residuals; the sidecar records the counts; ONNX and U-Nets 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from medgen_rt.models.dit import DiT, DiTConfig, dit_config
 from medgen_rt.models.step_cache import StepCache, cached_dit
 from medgen_rt.models.tgca import TGCA
 from medgen_rt.sampling.api import resolve_model
+from cli_run import medgen
 
 
 def _dit(name_or_cfg, seed=0, scale=0.02):
@@ -122,8 +120,7 @@ def test_only_dit_models_and_sane_thresholds():
 
 
 def _medgen(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "medgen_rt", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return medgen(*args, cwd=cwd, timeout=300)
 
 
 def test_sidecar_records_the_cache_and_onnx_refuses_it(tmp_path):

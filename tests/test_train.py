@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import torch
 from medgen_rt.models.weights import load_weights
 from medgen_rt.train.latents import write_latent_set
 from medgen_rt.train.loop import TrainSettings, ema_decay_at, global_batch_indices, lr_factor
+from cli_run import medgen
 
 SHAPE = (8, 4, 8, 8, 4)  # (C, Z, H, W, T): a small 4D latent
 
@@ -55,8 +55,11 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def _run(cmd, **kw):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), **kw)
+def _run(cmd, cwd=None):
+    if cmd[:3] == [sys.executable, "-m", "medgen_rt"]:
+        proc = medgen(*cmd[3:], cwd=cwd, env=_env())
+    else:  # torchrun
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -145,8 +148,7 @@ def test_bad_inputs_fail_before_training(tmp_path, latents):
     import yaml
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "medgen_rt", "train", *args, "--quiet", "--no-energy"],
-                              capture_output=True, text=True, timeout=120, env=_env())
+        return medgen("train", *args, "--quiet", "--no-energy", env=_env(), timeout=120)
 
     out = tmp_path / "r"
     p = run("dit", "--config", "no-such-preset", "--latents", str(latents), "--out", str(out))
