@@ -199,8 +199,8 @@ def run_quality(args) -> int:
     dice = "" if not ma else ", mask Dice own/swapped map " + ", ".join(
         f"{g} {_num(d.get('mean'))}/{_num(rep['mask_adherence']['synthetic']['swapped_map'][g].get('mean'))}"
         for g, d in ma.items())
-    print(f"FID {rep['fid']['value']:.4g}, MMD^2 {rep['mmd']['mmd2']:.4g}, realism {_num(rep['realism']['ratio'])}, "
-          f"local realism {_num(rep['local_realism']['ratio'])}, "
+    print(f"local realism {_num(rep['local_realism']['ratio'])}, whole-volume realism {_num(rep['realism']['ratio'])}, "
+          f"FID {rep['fid']['value']:.4g}, MMD^2 {rep['mmd']['mmd2']:.4g}, "
           f"MS-SSIM diversity {_num(div)}{dice}; report: {out / 'report.html'}")
     return 0
 
