@@ -156,6 +156,30 @@ def test_temporal_change_is_motion_not_voxel_noise():
     assert M.temporal(still, 0.0)["step_mean"] == 0.0
 
 
+def _moving_blob(frames: int, noise: float, rng) -> np.ndarray:
+    """A Gaussian blob (sigma 3 voxels) crossing 6 voxels along X over one cycle of ``frames``
+    frames, in [0, 1], with independent voxel noise of sd ``noise`` in every frame."""
+    x, y, z = np.meshgrid(np.arange(32.0), np.arange(32.0), np.arange(4.0), indexing="ij")
+    v = np.stack([np.exp(-((x - 13 - 6 * t / frames) ** 2 + (y - 16) ** 2) / 18.0) * 0.8 + 0.1 + 0 * z
+                  for t in range(frames)], axis=3)
+    return np.clip(v + rng.normal(0, noise, v.shape), 0, 1)
+
+
+def test_motion_is_the_same_with_and_without_noise_and_at_any_frame_rate():
+    """step_mean of a noisy cine is mostly its noise even after the blur; motion is not: noise
+    and the frame count leave it alone, and a still noisy cine has almost none."""
+    rng = np.random.default_rng(5)
+    sig = M.TEMPORAL_DENOISE_SIGMA
+    clean, noisy = _moving_blob(16, 0.0, rng), _moving_blob(16, 0.03, rng)
+    still = np.clip(np.repeat(clean[..., :1], 16, axis=3) + rng.normal(0, 0.03, clean.shape), 0, 1)
+    c, n, s = (M.temporal(v, sig) for v in (clean, noisy, still))
+    assert n["step_mean"] > 1.5 * c["step_mean"]  # the old figure: noise counts as motion
+    assert n["motion"] == pytest.approx(c["motion"], rel=0.1)
+    assert s["motion"] < 0.2 * c["motion"]
+    assert M.temporal(_moving_blob(32, 0.03, rng), sig)["motion"] == pytest.approx(c["motion"], rel=0.1)
+    assert np.isnan(M.temporal(clean[..., :2], sig)["motion"])
+
+
 def test_local_realism_by_hand():
     rng = np.random.default_rng(3)
     v = rng.random((16, 12, 2)).astype(np.float32)

@@ -244,6 +244,11 @@ def temporal(vol01: np.ndarray, denoise_sigma: float = 0.0) -> dict:
 
     steps: mean |F_t+1 - F_t| for t = 0..T-2; step_mean, step_max; closure: mean
     |F_T-1 - F_0|; closure_ratio = closure / step_mean (about 1 when the cycle closes).
+    motion: the change that is motion, not noise: with D1 and D2 the mean squared change over
+    one and two frames, independent noise adds the same 2 sigma^2 to both and a steady motion
+    of m per frame gives D2 - D1 = 3 m^2, so m = sqrt((D2 - D1) / 3); reported per cycle (T m)
+    so that cines with other frame counts compare (NaN below 3 frames). The blur alone leaves
+    most of step_mean to the phantoms' noise: 0.0138 per frame with it, 0.0040 without.
     """
     v = np.asarray(vol01, dtype=np.float64)
     if v.ndim != 4 or v.shape[3] < 2:
@@ -255,8 +260,13 @@ def temporal(vol01: np.ndarray, denoise_sigma: float = 0.0) -> dict:
     steps = np.abs(np.diff(v, axis=3)).mean(axis=(0, 1, 2))
     closure = float(np.abs(v[..., -1] - v[..., 0]).mean())
     step_mean = float(steps.mean())
+    motion = float("nan")
+    if v.shape[3] >= 3:
+        d1 = float(np.mean(np.square(v[..., 1:] - v[..., :-1])))
+        d2 = float(np.mean(np.square(v[..., 2:] - v[..., :-2])))
+        motion = v.shape[3] * math.sqrt(max(0.0, (d2 - d1) / 3))
     return {"steps": steps, "step_mean": step_mean, "step_max": float(steps.max()), "closure": closure,
-            "closure_ratio": closure / step_mean if step_mean > 0 else float("nan")}
+            "closure_ratio": closure / step_mean if step_mean > 0 else float("nan"), "motion": motion}
 
 
 # --------------------------------------------------------------------------- cardiac function

@@ -198,8 +198,9 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
                                            "distributions of all adjacent pairs")
 
     if synthetic.is_cine:
-        tr = {k: np.array([t[k] for t in scan_r["temporal"]]) for k in ("step_mean", "closure", "closure_ratio")}
-        ts = {k: np.array([t[k] for t in scan_s["temporal"]]) for k in ("step_mean", "closure", "closure_ratio")}
+        keys = ("motion", "step_mean", "closure", "closure_ratio")
+        tr = {k: np.array([t[k] for t in scan_r["temporal"]]) for k in keys}
+        ts = {k: np.array([t[k] for t in scan_s["temporal"]]) for k in keys}
         report["temporal"] = {k: _compare(tr[k], ts[k]) for k in tr}
         report["temporal"]["definition"] = ("frame-to-frame change = mean |F_t+1 - F_t| (intensities in [0, 1], "
                                             f"each frame through an in-plane Gaussian of sigma "
@@ -207,7 +208,12 @@ def evaluate_quality(real: EvalSet, synthetic: EvalSet, features: str = "encoder
                                             "count as motion) "
                                             "averaged over the cycle; closure = mean |F_T-1 - F_0| (last frame "
                                             "vs first); closure_ratio = closure / mean step, about 1 when the "
-                                            "cycle closes smoothly")
+                                            "cycle closes smoothly; motion = the change that is motion and not "
+                                            "noise, per cycle: T sqrt((D2 - D1) / 3), D1 and D2 the mean squared "
+                                            "change over one and two frames (independent noise adds the same to "
+                                            "both; the blur leaves most of the frame-to-frame change of noisy "
+                                            "phantoms to their noise, so compare motion, not step_mean, with "
+                                            "noise-free samples)")
         report["temporal"]["per_volume"] = {"real": scan_r["temporal"], "synthetic": scan_s["temporal"]}
         cr, cs = scan_r["cardiac"], scan_s["cardiac"]
         if cr or cs:

@@ -453,7 +453,7 @@ def render_quality(report: dict, modality: str) -> tuple:
             "Temporal smoothness: " + rep["temporal"]["definition"])
         page.table(["", "real mean", "synthetic mean", "W1"],
                    [(k, rep["temporal"][k]["real"].get("mean"), rep["temporal"][k]["synthetic"].get("mean"),
-                     rep["temporal"][k]["wasserstein"]) for k in ("step_mean", "closure", "closure_ratio")])
+                     rep["temporal"][k]["wasserstein"]) for k in ("motion", "step_mean", "closure", "closure_ratio")])
     if rep.get("cardiac") and "ef_percent" in rep["cardiac"]:
         c = pics.get("cardiac", {})
         add("ejection_fraction.png", histogram({"real": c.get("real", []), "synthetic": c.get("synthetic", [])},
