@@ -14,15 +14,11 @@ from medgen_rt.evaluation.metrics import ct_mask_adherence
 from cli_run import medgen
 
 
-def _medgen(*args, cwd=None):
-    return medgen(*args, cwd=cwd)
-
-
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory):
     """Label maps of phantom subjects the model never saw (seed 4242)."""
     root = tmp_path_factory.mktemp("ct")
-    proc = _medgen("phantom", "ct", "--n", "2", "--seed", "4242", "--shape", "64", "64", "32",
+    proc = medgen("phantom", "ct", "--n", "2", "--seed", "4242", "--shape", "64", "64", "32",
                    "--spacing", "2.8", "2.8", "4.0", "--out", str(root / "ct"), "--quiet")
     assert proc.returncode == 0, proc.stderr
     return sorted((root / "ct" / "masks").iterdir())
@@ -32,7 +28,7 @@ def maps(tmp_path_factory):
 def test_ct_follows_its_map(tmp_path, maps, network):
     """The shipped default (the distilled student at its 1 step) and the teacher alike."""
     out = tmp_path / "s"
-    proc = _medgen("sample", "--model", "ct", "--masks", str(maps[0]), *network, "--no-energy",
+    proc = medgen("sample", "--model", "ct", "--masks", str(maps[0]), *network, "--no-energy",
                    "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     side = json.loads((out / "sample_000.json").read_text())
@@ -49,19 +45,19 @@ def test_ct_follows_its_map(tmp_path, maps, network):
 
 def test_ct_unconditional_and_missing_masks(tmp_path):
     out = tmp_path / "u"
-    proc = _medgen("sample", "--model", "ct", "--unconditional", "--no-energy", "--out", str(out), "--quiet")
+    proc = medgen("sample", "--model", "ct", "--unconditional", "--no-energy", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (out / "sample_000_mask.nii.gz").exists() and (out / "sample_000.nii.gz").is_file()
-    proc = _medgen("sample", "--model", "ct", "--no-energy", "--out", str(tmp_path / "none"))
+    proc = medgen("sample", "--model", "ct", "--no-energy", "--out", str(tmp_path / "none"))
     assert proc.returncode == 2 and "--unconditional" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "none").exists()
 
 
 def test_map_at_another_voxel_size_is_refused(tmp_path):
-    proc = _medgen("phantom", "ct", "--n", "1", "--shape", "64", "64", "32", "--spacing", "5.6", "5.6", "8.0",
+    proc = medgen("phantom", "ct", "--n", "1", "--shape", "64", "64", "32", "--spacing", "5.6", "5.6", "8.0",
                    "--out", str(tmp_path / "coarse"), "--quiet")
     assert proc.returncode == 0
-    proc = _medgen("sample", "--model", "ct", "--masks", str(tmp_path / "coarse" / "masks"), "--no-energy",
+    proc = medgen("sample", "--model", "ct", "--masks", str(tmp_path / "coarse" / "masks"), "--no-energy",
                    "--out", str(tmp_path / "s"))
     assert proc.returncode == 2 and "voxel size" in proc.stderr and not (tmp_path / "s").exists()
     assert "Traceback" not in proc.stderr

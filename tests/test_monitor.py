@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -137,10 +136,8 @@ def _config(tmp_path):
 
 def test_train_logs_sample_figures_draws_curves_and_keeps_best(tmp_path, vae_latents):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "medgen_rt", "train", "dit", "--config", str(_config(tmp_path)),
-           "--latents", str(vae_latents), "--out", str(out), "--quiet", "--no-energy", "--device", "cpu",
-           "--keep-best", "1.0"]
-    proc = medgen(*cmd[3:])
+    proc = medgen("train", "dit", "--config", _config(tmp_path), "--latents", vae_latents, "--out", out, "--quiet",
+                  "--no-energy", "--device", "cpu", "--keep-best", "1.0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     monitored = [r for r in rows if r.get("sample_realism")]
@@ -171,9 +168,8 @@ def test_monitor_needs_the_vae_run(tmp_path, vae_latents):
     index = json.loads((latents / "latents.json").read_text())
     index["vae_run"] = str(tmp_path / "nowhere")
     (latents / "latents.json").write_text(json.dumps(index))
-    cmd = [sys.executable, "-m", "medgen_rt", "train", "dit", "--config", str(_config(tmp_path)),
-           "--latents", str(latents), "--out", str(tmp_path / "run"), "--quiet", "--no-energy", "--device", "cpu"]
-    proc = medgen(*cmd[3:])
+    proc = medgen("train", "dit", "--config", _config(tmp_path), "--latents", latents, "--out", tmp_path / "run",
+                  "--quiet", "--no-energy", "--device", "cpu")
     assert proc.returncode == 2 and "monitor_samples" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
 
